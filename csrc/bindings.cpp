@@ -1,0 +1,45 @@
+// The whole op surface of lmsqueeze._C, in one place.
+#include <torch/extension.h>
+
+#include "cpu/cpu_features.h"
+#include "ops.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lmsqueeze C++/CUDA kernels";
+
+  m.def("cpu_features", []() {
+    const auto& f = lmsqueeze::cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2;
+    d["fma"] = f.fma;
+    d["avx512f"] = f.avx512f;
+    d["avx512bw"] = f.avx512bw;
+    d["avx512vl"] = f.avx512vl;
+    d["avx512_vnni"] = f.avx512_vnni;
+    d["avx512_bf16"] = f.avx512_bf16;
+    d["avx512_fp16"] = f.avx512_fp16;
+    d["amx_tile"] = f.amx_tile;
+    d["amx_bf16"] = f.amx_bf16;
+    return d;
+  }, "CPU features usable by this process (CPU flag and OS state both present)");
+  m.def("active_isa", []() { return lmsqueeze::isa_name(lmsqueeze::active_isa()); },
+        "the instruction set the CPU kernels use now: avx512, avx2 or generic");
+  m.def("set_isa_cap", &lmsqueeze::set_isa_cap, py::arg("name"),
+        "cap the CPU kernels' instruction set (generic, avx2, avx512); returns the previous cap");
+  m.def("has_cuda", []() {
+#ifdef LMSQUEEZE_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "whether this build contains the CUDA kernels");
+
+  m.def("col_sq_norm_update_cpu", &lmsqueeze::col_sq_norm_update_cpu, py::arg("s"), py::arg("x"),
+        py::arg("nsamples"), py::arg("mask") = py::none());
+#ifdef LMSQUEEZE_WITH_CUDA
+  m.def("col_sq_norm_update_cuda", &lmsqueeze::col_sq_norm_update_cuda, py::arg("s"), py::arg("x"),
+        py::arg("nsamples"), py::arg("mask") = py::none());
+#endif
+}

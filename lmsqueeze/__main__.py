@@ -1,0 +1,3 @@
+from lmsqueeze.cli import main
+
+raise SystemExit(main())

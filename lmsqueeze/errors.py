@@ -1,0 +1,5 @@
+"""The one exception type for mistakes a user can make; the CLI prints it as one line."""
+
+
+class LmsqueezeError(ValueError):
+    """Bad input from the user: the message names the bad value and what would be valid."""

@@ -1,0 +1,1 @@
+"""Evaluation: the batched log-likelihood core, metrics, task loaders, scorers, reports."""

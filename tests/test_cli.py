@@ -1,0 +1,62 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lmsqueeze.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "lmsqueeze", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_info_tells_the_truth(capsys):
+    import torch
+
+    from lmsqueeze import _ext
+
+    assert main(["info", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["cpp_extension"]["built"] == (_ext.ext() is not None)
+    assert rep["cuda"]["available"] == torch.cuda.is_available()
+    if _ext.ext() is not None:
+        flags = open("/proc/cpuinfo").read()
+        assert rep["cpp_extension"]["cpu_features"]["avx512f"] == (" avx512f" in flags)
+        assert rep["cpp_extension"]["cpu_features"]["amx_bf16"] == (" amx_bf16" in flags)
+    assert main(["info"]) == 0
+    assert "cpu backend (C++)" in capsys.readouterr().out
+
+
+def test_unknown_model_is_one_line_no_traceback():
+    proc = run("eval", "--model", "nope", "--tasks", "ppl:pydoc")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("lmsqueeze: error: cannot load model 'nope'")
+    assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1
+
+
+def test_missing_dataset_is_one_line(tmp_path):
+    proc = run("eval", "--model", "tiny-llama", "--tasks", "ppl:wikitext2:test", "--data-dir", str(tmp_path))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "data set 'wikitext2:test' not found; looked in" in proc.stderr
+
+
+def test_unknown_task(capsys):
+    assert main(["eval", "--model", "tiny-llama", "--tasks", "bleu:pydoc"]) == 2
+    assert "unknown task 'bleu:pydoc'" in capsys.readouterr().err
+
+
+def test_eval_ppl_on_tiny_model(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["--quiet", "eval", "--model", "tiny-llama", "--tasks", "ppl:pydoc", "--limit", "2", "--seqlen", "64",
+                 "--output", str(out)]) == 0
+    assert "| tiny-llama | ppl:pydoc |" in capsys.readouterr().out
+    res = json.loads(out.read_text())["results"][0]
+    assert res["tokens"] == 2 * 63 and res["ppl"] > 1
+
+
+@pytest.mark.parametrize("cmd", [["models"], ["data"], ["--help"], ["eval", "--help"]])
+def test_other_commands(cmd):
+    proc = run(*cmd)
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+
+from lmsqueeze import data, models
+from lmsqueeze.errors import LmsqueezeError
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return models.byte_tokenizer()
+
+
+def test_pydoc_is_english_prose():
+    text = data.load_text("pydoc")
+    assert len(text) > 100_000 and "the" in text
+
+
+def test_calibration_windows_are_disjoint_seeded_slices(tok):
+    a = data.calibration_batches(tok, "pydoc", 8, 64, seed=3)
+    b = data.calibration_batches(tok, "pydoc", 8, 64, seed=3)
+    c = data.calibration_batches(tok, "pydoc", 8, 64, seed=4)
+    assert a.shape == (8, 64) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    all_tokens = data.tokenize_text(tok, data.load_text("pydoc"))
+    starts = []
+    for row in a:  # each window is an aligned slice of the token stream
+        hits = [i for i in range(0, all_tokens.numel() - 63, 64) if torch.equal(all_tokens[i:i + 64], row)]
+        assert hits
+        starts.append(hits[0])
+    assert len(set(starts)) == 8
+
+
+def test_too_short_says_counts(tok, tmp_path):
+    p = tmp_path / "short.txt"
+    p.write_text("abc def")
+    with pytest.raises(LmsqueezeError, match=r"has 7 tokens but 2 x 16 = 32 were asked"):
+        data.calibration_batches(tok, str(p), 2, 16)
+
+
+def test_local_files(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(["one", {"text": "two"}]))
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n\n{"content": "y"}\n')
+    (tmp_path / "c.jsonl").write_text('{"text": "x"}\n{broken\n')
+    assert data.load_text(str(tmp_path / "a.json")) == "one\n\ntwo"
+    assert data.load_text(str(tmp_path / "b.jsonl")) == "x\n\ny"
+    with pytest.raises(LmsqueezeError, match=r"c.jsonl:2: not valid JSON"):
+        data.load_text(str(tmp_path / "c.jsonl"))
+    with pytest.raises(LmsqueezeError, match="does not exist"):
+        data.load_text(str(tmp_path / "nope.txt"))
+
+
+def test_missing_dataset_says_where_it_looked(tmp_path):
+    with pytest.raises(LmsqueezeError, match=f"looked in: {tmp_path}/wikitext2/test.txt"):
+        data.load_text("wikitext2:test", data_dir=tmp_path)
+
+
+def test_unknown_source():
+    with pytest.raises(LmsqueezeError, match="unknown text source 'c4'"):
+        data.load_text("c4")
+
+
+def test_data_dir_env(tmp_path, monkeypatch):
+    (tmp_path / "wikitext2").mkdir()
+    (tmp_path / "wikitext2" / "valid.txt").write_text("hello wiki")
+    monkeypatch.setenv("LMSQUEEZE_DATA_DIR", str(tmp_path))
+    assert data.load_text("wikitext2:valid") == "hello wiki"
+
+
+@pytest.mark.skipif(not (data.REPO_ROOT.parent / "shared" / "data" / "wikitext2").exists(),
+                    reason="../shared/data is not beside the repository")
+def test_shared_data_sources():
+    assert data.load_text("wikitext2").lstrip().startswith("= Robert")
+    assert len(data.alpaca_records()) == 5000
+    piqa = data.piqa_records()
+    assert len(piqa) == 1838 and {r["label"] for r in piqa} == {0, 1}
