@@ -133,32 +133,35 @@ def decode_cases(name: str, model: nn.Module, prompt: torch.Tensor, tokens: int)
 
     group = f"decode {name}"
     params = {"prompt": prompt.shape[1], "new_tokens": tokens}
-    with torch.no_grad():
-        reference = model(prompt).logits[0, -1].float()
+    model_f32 = copy.deepcopy(model).float()
+    model_24 = copy.deepcopy(model)
+    swapped = sparsify_model(model_24)
+
+    def last_logits(m):
+        with torch.no_grad():
+            return m(prompt).logits[0, -1].float()
+
+    # Validation: the dense-with-zeros model in fp32 is the reference. A bf16 model cannot match it
+    # to a fixed tolerance (bf16 rounding compounds over the layers), so the 2:4 bf16 model must be
+    # no further from it than the dense bf16 model is (2x the dense bf16 error, plus 0.1% of scale).
+    reference = last_logits(model_f32)
     scale = float(reference.abs().max())
+    bf16_err = float((last_logits(model) - reference).abs().max())
+
+    def within_dense_bf16_error(_):
+        err = float((last_logits(model_24) - reference).abs().max())
+        bound = 2 * bf16_err + 1e-3 * scale
+        return None if err <= bound else f"{group}: 2:4 max logit error {err:.3g} > {bound:.3g} (dense bf16: {bf16_err:.3g})"
 
     def generate(m):
         with torch.no_grad():
             return m.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
 
-    def checker(m, atol, rtol):
-        def check(_):
-            with torch.no_grad():
-                got = m(prompt).logits[0, -1].float()
-            return compare(got, reference, atol=atol * scale, rtol=rtol, name=group)
-        return check
-
-    model_f32 = copy.deepcopy(model).float()
-    model_24 = copy.deepcopy(model)
-    swapped = sparsify_model(model_24)
-    # per-layer bf16 rounding compounds through the layers; fp32 reorders sums only
     cases = [
-        Case("dense bf16", group, lambda: generate(model), dict(params, dtype="bf16"), check=checker(model, 0, 0),
-             flops=None),
-        Case("dense fp32", group, lambda: generate(model_f32), dict(params, dtype="fp32"),
-             check=checker(model_f32, 3e-2, 3e-2), baseline="dense bf16"),
+        Case("dense bf16", group, lambda: generate(model), dict(params, dtype="bf16", max_logit_err=bf16_err)),
+        Case("dense fp32", group, lambda: generate(model_f32), dict(params, dtype="fp32"), baseline="dense bf16"),
         Case("2:4 bf16 (sparsify_model)", group, lambda: generate(model_24),
-             dict(params, dtype="bf16", sparse_layers=len(swapped)), check=checker(model_24, 3e-2, 3e-2),
+             dict(params, dtype="bf16", sparse_layers=len(swapped)), check=within_dense_bf16_error,
              baseline="dense bf16"),
     ]
     return cases
