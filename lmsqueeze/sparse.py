@@ -22,7 +22,7 @@ from torch import nn
 from lmsqueeze import _ext
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels.sparse24 import (
-    _CPU_DTYPES, EPOCH, TRITON_MAX_ROWS, _semi_weight, choose_sparse24, compress, decompress, is_24, sparse24_matmul,
+    _CPU_DTYPES, EPOCH, choose_sparse24, compress, decompress, is_24, sparse24_matmul,
 )
 
 log = logging.getLogger("lmsqueeze")
@@ -72,8 +72,6 @@ class SparseLinear(nn.Module):
             # when the C++ kernel will run anyway (it checks its own shapes and dtypes)
             y = _ext.ext().sparse24_matmul_cpu(x.reshape(rows, self.in_features), self.values, self.meta, self.bias)
             return y.reshape(*x.shape[:-1], self.out_features)
-        if self.backend is None and x.is_cuda and rows > TRITON_MAX_ROWS:
-            _semi_weight(self.values, self.meta)  # convert once (the cuSPARSELt plan), then reuse
         return sparse24_matmul(x, self.values, self.meta, self.bias, backend=self.backend)
 
     def _choice(self, rows: int) -> str:

@@ -190,6 +190,10 @@ _SEMI_CACHE: dict[tuple, torch.Tensor] = {}
 
 
 def _semi_weight(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The weight as torch's semi-structured sparse tensor, converted once per compressed tensor.
+
+    Raises LmsqueezeError when torch cannot convert this weight (shape or dtype its kernels do not
+    take, e.g. fewer than 32 rows or 64 columns for CUTLASS, float32 without TF32 kernels)."""
     key = (values.data_ptr(), values.shape, values._version, meta.data_ptr(), meta._version)
     W = _SEMI_CACHE.get(key)
     if W is None:
@@ -197,8 +201,27 @@ def _semi_weight(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 
         if len(_SEMI_CACHE) >= 1024:
             _SEMI_CACHE.clear()
-        W = _SEMI_CACHE[key] = to_sparse_semi_structured(decompress(values, meta))
+        try:
+            W = to_sparse_semi_structured(decompress(values, meta))
+        except (RuntimeError, ValueError) as exc:
+            raise LmsqueezeError(f"torch's semi-structured sparse tensors cannot take this 2:4 weight "
+                                 f"{tuple(values.shape[:1]) + (values.shape[1] * 2,)} {values.dtype}: {exc}") from None
+        _SEMI_CACHE[key] = W
     return W
+
+
+def _semi_convertible(values: torch.Tensor, meta: torch.Tensor) -> bool:
+    try:
+        _semi_weight(values, meta)
+    except LmsqueezeError as exc:
+        if ("semi", values.shape) not in _SEMI_WARNED:
+            _SEMI_WARNED.add(("semi", values.shape))
+            log.info("sparse24_matmul: using triton, not cuSPARSELt/CUTLASS: %s", exc)
+        return False
+    return True
+
+
+_SEMI_WARNED: set = set()
 
 
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
@@ -217,18 +240,17 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
         y = sparse24_matmul_ref(x2, values, meta, bias)
     elif chosen == "cpu":
         y = _ext.ext().sparse24_matmul_cpu(x2, values.contiguous(), meta.contiguous(), bias)
+    elif chosen == "cuda" and not (backend or os.environ.get("LMSQUEEZE_BACKEND")) and not _semi_convertible(values, meta):
+        from lmsqueeze.kernels.triton.sparse24 import sparse24_matmul_triton
+
+        y = sparse24_matmul_triton(x2, values, meta, bias)
     elif chosen == "triton":
         from lmsqueeze.kernels.triton.sparse24 import sparse24_matmul_triton
 
         y = sparse24_matmul_triton(x2, values, meta, bias)
     else:
-        # cuSPARSELt/CUTLASS want the sparse operand first and a row count that is a multiple of
-        # their tile; pad x's rows to 64 and compute W @ x.T.
-        pad = (-rows) % 64
-        xt = F.pad(x2, (0, 0, 0, pad)).t()
-        y = (_semi_weight(values, meta) @ xt).t()[:rows]
-        if bias is not None:
-            y = y + bias
+        # torch pads x's rows to the cuSPARSELt/CUTLASS tile inside F.linear on a semi-structured weight
+        y = F.linear(x2, _semi_weight(values, meta), bias)
     return y.reshape(*lead, values.shape[0])
 
 
@@ -266,7 +288,7 @@ def batch_bucket(rows: int) -> int:
     return b
 
 
-def _time(fn, min_seconds: float = 0.02, reps: int = 3) -> float:
+def _time(fn, min_seconds: float = 0.05, reps: int = 5) -> float:
     """Best of at least `reps` timed calls after one warm-up (best, not mean: noise only adds time)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()

@@ -226,3 +226,10 @@ def test_forced_modes(monkeypatch, fresh_choices):
 def test_batch_buckets():
     assert [s24.batch_bucket(n) for n in (1, 2, 3, 4, 5, 16, 17, 255, 256, 10000)] == [1, 2, 4, 4, 8, 16, 32, 256,
                                                                                           256, 256]
+
+
+def test_semi_structured_conversion_is_guarded():
+    """cuSPARSELt/CUTLASS take CUDA tensors only: on anything else the conversion says so in one error."""
+    values, meta = compress(pruned(64, 128, torch.bfloat16))
+    with pytest.raises(LmsqueezeError, match="semi-structured sparse tensors cannot take this 2:4 weight"):
+        s24._semi_weight(values, meta)
