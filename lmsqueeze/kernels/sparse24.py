@@ -236,11 +236,12 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     x2 = x.reshape(-1, x.shape[-1])
     rows = x2.shape[0]
     chosen = _pick_backend(x, rows, backend)
+    auto = not (backend or os.environ.get("LMSQUEEZE_BACKEND"))
     if chosen == "ref":
         y = sparse24_matmul_ref(x2, values, meta, bias)
     elif chosen == "cpu":
         y = _ext.ext().sparse24_matmul_cpu(x2, values.contiguous(), meta.contiguous(), bias)
-    elif chosen == "cuda" and not (backend or os.environ.get("LMSQUEEZE_BACKEND")) and not _semi_convertible(values, meta):
+    elif chosen == "cuda" and auto and not _semi_convertible(values, meta):
         from lmsqueeze.kernels.triton.sparse24 import sparse24_matmul_triton
 
         y = sparse24_matmul_triton(x2, values, meta, bias)
