@@ -38,6 +38,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("col_sq_norm_update_cpu", &lmsqueeze::col_sq_norm_update_cpu, py::arg("s"), py::arg("x"),
         py::arg("nsamples"), py::arg("mask") = py::none());
+  m.def("sparse24_matmul_cpu", &lmsqueeze::sparse24_matmul_cpu, py::arg("x"), py::arg("values"), py::arg("meta"),
+        py::arg("bias") = py::none());
 #ifdef LMSQUEEZE_WITH_CUDA
   m.def("col_sq_norm_update_cuda", &lmsqueeze::col_sq_norm_update_cuda, py::arg("s"), py::arg("x"),
         py::arg("nsamples"), py::arg("mask") = py::none());

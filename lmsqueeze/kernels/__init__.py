@@ -2,8 +2,12 @@
 from lmsqueeze.kernels.col_sq_norm import col_sq_norm_update, col_sq_norm_update_ref
 from lmsqueeze.kernels.hessian import hessian_finalize, hessian_update, hessian_update_ref
 from lmsqueeze.kernels.masks import check_nm, nm_mask, nm_mask_ref, rowwise_mask, rowwise_mask_ref, wanda_scores
+from lmsqueeze.kernels.sparse24 import compress as sparse24_compress
+from lmsqueeze.kernels.sparse24 import decompress as sparse24_decompress
+from lmsqueeze.kernels.sparse24 import sparse24_matmul, sparse24_matmul_ref
 
 __all__ = [
     "check_nm", "col_sq_norm_update", "col_sq_norm_update_ref", "hessian_finalize", "hessian_update",
     "hessian_update_ref", "nm_mask", "nm_mask_ref", "rowwise_mask", "rowwise_mask_ref", "wanda_scores",
+    "sparse24_compress", "sparse24_decompress", "sparse24_matmul", "sparse24_matmul_ref",
 ]
