@@ -2,8 +2,10 @@
 from lmsqueeze.kernels.col_sq_norm import col_sq_norm_update, col_sq_norm_update_ref
 from lmsqueeze.kernels.hessian import hessian_finalize, hessian_update, hessian_update_ref
 from lmsqueeze.kernels.masks import check_nm, nm_mask, nm_mask_ref, rowwise_mask, rowwise_mask_ref, wanda_scores
+from lmsqueeze.kernels.masks import wanda_mask, wanda_mask_ref
 
 __all__ = [
     "check_nm", "col_sq_norm_update", "col_sq_norm_update_ref", "hessian_finalize", "hessian_update",
     "hessian_update_ref", "nm_mask", "nm_mask_ref", "rowwise_mask", "rowwise_mask_ref", "wanda_scores",
+    "wanda_mask", "wanda_mask_ref",
 ]
