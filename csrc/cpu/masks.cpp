@@ -266,8 +266,8 @@ torch::Tensor mask_impl(const T* data,        // [rows, c], row stride `stride`
   auto keep = torch::empty({rows, c}, torch::kBool);
   bool* out = keep.data_ptr<bool>();
   if (rows == 0 || c == 0) return keep;
-  if (k == 0) {
-    keep.fill_(true);
+  if (k == 0 || k >= c) {  // round(sparsity * cols) can reach cols on a very short row
+    keep.fill_(k == 0);
     return keep;
   }
   const bool avx512 = active_isa() == kAvx512;
@@ -307,7 +307,7 @@ torch::Tensor as_rows(const torch::Tensor& t) {
 torch::Tensor rowwise_mask_cpu(const torch::Tensor& scores_in, int64_t k) {
   TORCH_CHECK(scores_in.device().is_cpu() && scores_in.scalar_type() == torch::kFloat32 && scores_in.dim() == 2,
               "rowwise_mask_cpu: scores must be a 2-D float32 CPU tensor");
-  TORCH_CHECK(k >= 0 && (k == 0 || k < scores_in.size(1)), "rowwise_mask_cpu: k = ", k, " must be in [0, cols)");
+  TORCH_CHECK(k >= 0 && k <= scores_in.size(1), "rowwise_mask_cpu: k = ", k, " must be in [0, cols]");
   const torch::Tensor s = as_rows(scores_in);
   return mask_impl<float>(s.data_ptr<float>(), nullptr, s.size(0), s.size(1), s.stride(0), k, 0, 0);
 }
@@ -333,7 +333,7 @@ torch::Tensor wanda_mask_cpu(const torch::Tensor& W_in, const torch::Tensor& col
   if (k < 0) {
     TORCH_CHECK(0 < n && n < m && c % m == 0, "wanda_mask_cpu: need 0 < n < m and m dividing the width");
   } else {
-    TORCH_CHECK(k == 0 || k < c, "wanda_mask_cpu: k = ", k, " must be in [0, cols)");
+    TORCH_CHECK(k <= c, "wanda_mask_cpu: k = ", k, " must be in [0, cols]");
   }
   // the same fp32 sqrt the reference takes, once per column
   const torch::Tensor sq = col_sq_norm.to(torch::kFloat32).sqrt().contiguous();

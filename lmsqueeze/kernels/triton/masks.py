@@ -100,6 +100,8 @@ def mask_triton(x: torch.Tensor, col_sq_norm: torch.Tensor | None, k: int = -1, 
     rows, cols = x.shape
     if k == 0 or x.numel() == 0:
         return torch.ones(rows, cols, dtype=torch.bool, device=x.device)
+    if k >= cols:  # round(sparsity * cols) can reach cols on a very short row
+        return torch.zeros(rows, cols, dtype=torch.bool, device=x.device)
     sq = col_sq_norm.to(torch.float32).sqrt().contiguous() if col_sq_norm is not None else x
     keep = torch.empty(rows, cols, dtype=torch.uint8, device=x.device)
     if k > 0:
