@@ -5,12 +5,12 @@
 // plain unsigned order on (key, column). One row at a time per thread:
 //   1. keys of the row into a buffer that stays in L1/L2 (fused Wanda: |W| * sqrt(norm) computed in
 //      the same pass, so the scores never reach memory);
-//   2. row-wise: the k-th smallest key T without sorting: bracket it from a strided sample of 256
-//      keys (vectorized binary searches on the sample), one pass that counts keys below the bracket
-//      and compresses the keys inside it (about a quarter of the row), then a vectorized binary
-//      search on those candidates; ties at T are resolved by index (the first (k - #below T)
-//      occurrences of T are pruned). A bracket that misses (rare) falls back to the search on the
-//      whole row, so the result is exact either way.
+//   2. row-wise: the k-th smallest (key, column) without sorting: bracket it from a strided sample
+//      of 256 keys (vectorized binary searches on the sample), one pass that counts keys below the
+//      bracket and compresses the keys inside it (about a fifth of the row), then an exact
+//      select among those candidates (a 256-bin histogram, then nth_element on (key, column) pairs
+//      in the one bin that holds the k-th), which settles ties by column too. A bracket that misses
+//      (rare) falls back to a binary search on the whole row, so the result is exact either way.
 //      N:M with M dividing 16: each lane ranks itself against the other M-1 lanes of its group via
 //      lane permutes, so one zmm handles 16/M groups with no sort at all.
 //   3. one pass writes the mask bytes.
@@ -127,6 +127,27 @@ struct Scratch {
   }
 };
 
+// The r-th smallest (key, column) pair (1-based) of n candidates with keys in [lo, hi]: a 256-bin
+// histogram of the keys finds the bin holding it (one scalar pass), nth_element inside that bin
+// (a handful of pairs, or all the tied ones) finishes. Returns key << 32 | column.
+uint64_t select_candidate(const uint32_t* __restrict__ ck, const int32_t* __restrict__ ci, int64_t n, uint32_t lo,
+                          uint32_t hi, int64_t r, std::vector<uint64_t>& bin) {
+  const uint32_t span = hi - lo;
+  int shift = 0;
+  while ((span >> shift) > 255u) ++shift;
+  uint32_t hist[256] = {0};
+  for (int64_t i = 0; i < n; ++i) ++hist[(ck[i] - lo) >> shift];
+  int64_t before = 0;
+  uint32_t b = 0;
+  for (; b < 255u && before + hist[b] < r; ++b) before += hist[b];
+  bin.clear();
+  for (int64_t i = 0; i < n; ++i)
+    if (((ck[i] - lo) >> shift) == b) bin.push_back((static_cast<uint64_t>(ck[i]) << 32) | static_cast<uint32_t>(ci[i]));
+  const int64_t at = r - before - 1;
+  std::nth_element(bin.begin(), bin.begin() + at, bin.end());
+  return bin[at];
+}
+
 // keep[j] = !(key < t || (key == t && j <= t_idx))
 LMSQ_AVX512 void write_rowwise(const uint32_t* __restrict__ keys, int64_t c, uint32_t t, int64_t t_idx,
                                bool* __restrict__ keep) {
@@ -145,11 +166,6 @@ LMSQ_AVX512 void write_rowwise(const uint32_t* __restrict__ keys, int64_t c, uin
 
 LMSQ_AVX512 void rowwise_avx512(const uint32_t* __restrict__ keys, int64_t c, int64_t k, Scratch& s,
                                 bool* __restrict__ keep) {
-  uint32_t t = 0;
-  int64_t less = -1;  // count of keys < t, when the bracket found it
-  const int32_t* tie_idx = nullptr;
-  const uint32_t* tie_keys = keys;
-  int64_t tie_len = c;
   constexpr int64_t kSample = 256;
   if (c >= 4 * kSample) {
     uint32_t sample[kSample];
@@ -179,19 +195,15 @@ LMSQ_AVX512 void rowwise_avx512(const uint32_t* __restrict__ keys, int64_t c, in
     }
     const int64_t nbelow = _mm512_reduce_add_epi32(below_acc);
     if (nbelow < k && k <= nbelow + n) {
-      t = kth_key(s.cand_keys.data(), n, k - nbelow, lo, hi);
-      less = nbelow + (t > lo ? count_le(s.cand_keys.data(), n, t - 1) : 0);
-      tie_keys = s.cand_keys.data();
-      tie_idx = s.cand_idx.data();
-      tie_len = n;
+      const uint64_t kth = select_candidate(s.cand_keys.data(), s.cand_idx.data(), n, lo, hi, k - nbelow, s.pairs);
+      write_rowwise(keys, c, static_cast<uint32_t>(kth >> 32), static_cast<int64_t>(kth & 0xFFFFFFFFu), keep);
+      return;
     }
   }
-  if (less < 0) {  // small row, or the bracket missed: search the whole row
-    t = kth_key(keys, c, k, 0, 0xFFFFFFFFu);
-    less = t > 0 ? count_le(keys, c, t - 1) : 0;
-  }
-  const int64_t t_idx = nth_occurrence(tie_keys, tie_idx, tie_len, t, k - less);
-  write_rowwise(keys, c, t, t_idx, keep);
+  // small row, or the bracket missed: search the whole row
+  const uint32_t t = kth_key(keys, c, k, 0, 0xFFFFFFFFu);
+  const int64_t less = t > 0 ? count_le(keys, c, t - 1) : 0;
+  write_rowwise(keys, c, t, nth_occurrence(keys, nullptr, c, t, k - less), keep);
 }
 
 void rowwise_generic(const uint32_t* keys, int64_t c, int64_t k, Scratch& s, bool* keep) {
@@ -228,12 +240,17 @@ NmPlan make_nm_plan(int n, int m) {
   return p;
 }
 
-LMSQ_AVX512 void nm_avx512(const uint32_t* __restrict__ keys, int64_t c, const NmPlan& p, bool* __restrict__ keep) {
+template <typename T>
+LMSQ_AVX512 void nm_avx512(const T* __restrict__ row,     // [c]
+                           const float* __restrict__ sq,  // [c] or nullptr
+                           int64_t c, const NmPlan& p, bool* __restrict__ keep) {
   const __m512i one = _mm512_set1_epi32(1);
   const __m512i prune_below = _mm512_set1_epi32(p.m - p.n);
   for (int64_t j = 0; j < c; j += 16) {
     const __mmask16 km = tail_mask(c - j);  // c is a multiple of m, so a tail holds whole groups
-    const __m512i v = _mm512_maskz_loadu_epi32(km, keys + j);
+    __m512 f = load16(row + j, km);
+    if (sq) f = _mm512_mul_ps(_mm512_abs_ps(f), _mm512_maskz_loadu_ps(km, sq + j));
+    const __m512i v = key16(f);
     __m512i rank = _mm512_setzero_si512();
     for (int s = 0; s < p.m - 1; ++s) {
       const __m512i w = _mm512_permutexvar_epi32(_mm512_load_si512(p.perm[s]), v);
@@ -241,8 +258,9 @@ LMSQ_AVX512 void nm_avx512(const uint32_t* __restrict__ keys, int64_t c, const N
                               (_mm512_cmpeq_epi32_mask(w, v) & static_cast<__mmask16>(p.partner_first[s]));
       rank = _mm512_mask_add_epi32(rank, lower, rank, one);
     }
-    const __mmask16 kept = _mm512_cmpge_epi32_mask(rank, prune_below);
-    _mm_mask_storeu_epi8(keep + j, km, _mm_maskz_set1_epi8(kept, 1));
+    const __m128i bytes = _mm_maskz_set1_epi8(_mm512_cmpge_epi32_mask(rank, prune_below), 1);
+    if (km == 0xFFFF) _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + j), bytes);
+    else _mm_mask_storeu_epi8(keep + j, km, bytes);
   }
 }
 
@@ -282,13 +300,15 @@ torch::Tensor mask_impl(const T* data,        // [rows, c], row stride `stride`
     for (int64_t r = 0; r < rows; ++r) {
       const T* row = data + r * stride;
       bool* keep_row = out + r * c;
+      if (nm_vec) {  // keys computed in registers, no buffer
+        nm_avx512<T>(row, sq, c, plan, keep_row);
+        continue;
+      }
       if (avx512) row_keys_avx512<T>(row, sq, c, s.keys.data());
       else row_keys_generic<T>(row, sq, c, s.keys.data());
       if (k > 0) {
         if (avx512) rowwise_avx512(s.keys.data(), c, k, s, keep_row);
         else rowwise_generic(s.keys.data(), c, k, s, keep_row);
-      } else if (nm_vec) {
-        nm_avx512(s.keys.data(), c, plan, keep_row);
       } else {
         nm_generic(s.keys.data(), c, n, m, keep_row);
       }
