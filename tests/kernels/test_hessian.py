@@ -170,3 +170,33 @@ def test_auto_falls_back_to_ref_without_extension(monkeypatch):
     assert torch.equal(H, torch.full((4, 4), 2.0))
     with pytest.raises(LmsqueezeError, match="pretend not built"):
         hessian_update(H, torch.ones(3, 4), 0, backend="cpu")
+
+
+
+_COMPILE_HESSIAN = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lmsqueeze.kernels.triton.hessian import _hessian_tril_kernel
+sig = {"x_ptr": "*bf16", "mask_ptr": "*u8", "h_ptr": "*fp32", "rows": "i32", "d": "i32", "a": "fp32", "b": "fp32",
+       "stride_xt": "i32", "stride_xd": "i32", "stride_h": "i32", "HAS_MASK": "constexpr", "UPCAST": "constexpr",
+       "IEEE": "constexpr", "BLOCK": "constexpr", "BLOCK_K": "constexpr"}
+consts = {"HAS_MASK": True, "UPCAST": False, "IEEE": False, "BLOCK": 128, "BLOCK_K": 32}
+k = triton.compile(ASTSource(fn=_hessian_tril_kernel, signature=sig, constexprs=consts),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+assert "mma" in k.asm["ptx"], "bf16 operands did not reach the tensor cores"
+"""
+
+
+@requires_triton
+def test_triton_gpu_path_compiles_for_sm90():
+    # The interpreter upcasts bf16 before tl.dot; this compiles the real bf16 tensor-core path to PTX
+    # with triton's bundled ptxas (no GPU needed), in a process without TRITON_INTERPRET.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_HESSIAN], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -188,3 +188,36 @@ def test_bad_input_is_one_clear_error():
         rowwise_mask(torch.rand(10), 0.5)
     with pytest.raises(LmsqueezeError, match="has no 'cuda' backend"):
         nm_mask(torch.rand(4, 8), 2, 4, backend="cuda")
+
+
+
+_COMPILE_MASKS = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lmsqueeze.kernels.triton.masks import _nm_kernel, _rowwise_kernel
+common = {"x_ptr": "*bf16", "sq_ptr": "*fp32", "keep_ptr": "*u8"}
+sig = {**common, "cols": "i32", "k": "i32", "stride_r": "i32", "stride_c": "i32", "stride_kr": "i32",
+       "HAS_SQ": "constexpr", "BLOCK_C": "constexpr"}
+triton.compile(ASTSource(fn=_rowwise_kernel, signature=sig, constexprs={"HAS_SQ": True, "BLOCK_C": 1024}),
+               target=GPUTarget("cuda", 90, 32))
+sig = {**common, "groups": "i32", "groups_per_row": "i32", "stride_r": "i32", "stride_c": "i32",
+       "stride_kr": "i32", "N": "constexpr", "M": "constexpr", "MP": "constexpr", "HAS_SQ": "constexpr",
+       "BLOCK_G": "constexpr"}
+consts = {"N": 2, "M": 4, "MP": 4, "HAS_SQ": True, "BLOCK_G": 64}
+triton.compile(ASTSource(fn=_nm_kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+"""
+
+
+@requires_triton
+def test_triton_gpu_paths_compile_for_sm90():
+    # the fused Wanda row-wise and 2:4 kernels compiled to PTX (triton's bundled ptxas, no GPU needed),
+    # in a process without TRITON_INTERPRET
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_MASKS], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
