@@ -52,6 +52,14 @@ LMSQ_AVX512 inline __m512i key16(__m512 f) {
 }
 
 LMSQ_AVX512 inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+LMSQ_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+LMSQ_AVX512 inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+LMSQ_AVX512 inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 LMSQ_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 k) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
 }
@@ -65,7 +73,14 @@ template <typename T>
 LMSQ_AVX512 void row_keys_avx512(const T* __restrict__ row,      // [c]
                                  const float* __restrict__ sq,   // [c] or nullptr
                                  int64_t c, uint32_t* __restrict__ keys) {  // [c]
-  for (int64_t j = 0; j < c; j += 16) {
+  // full vectors take plain loads/stores: masked ones cost more on some cores (Zen 4 among them)
+  int64_t j = 0;
+  for (; j + 16 <= c; j += 16) {
+    __m512 v = load16(row + j);
+    if (sq) v = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_loadu_ps(sq + j));
+    _mm512_storeu_si512(keys + j, key16(v));
+  }
+  if (j < c) {
     const __mmask16 k = tail_mask(c - j);
     __m512 v = load16(row + j, k);
     if (sq) v = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_maskz_loadu_ps(k, sq + j));
@@ -155,12 +170,15 @@ LMSQ_AVX512 void write_rowwise(const uint32_t* __restrict__ keys, int64_t c, uin
   const __m512i vti = _mm512_set1_epi32(static_cast<int>(t_idx));
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t j = 0; j < c; j += 16) {
+    const bool full = j + 16 <= c;
     const __mmask16 k = tail_mask(c - j);
-    const __m512i v = _mm512_maskz_loadu_epi32(k, keys + j);
+    const __m512i v = full ? _mm512_loadu_si512(keys + j) : _mm512_maskz_loadu_epi32(k, keys + j);
     const __m512i idx = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(j)));
     const __mmask16 pruned = _mm512_cmplt_epu32_mask(v, vt) |
                              (_mm512_cmpeq_epi32_mask(v, vt) & _mm512_cmple_epi32_mask(idx, vti));
-    _mm_mask_storeu_epi8(keep + j, k, _mm_maskz_set1_epi8(static_cast<__mmask16>(~pruned), 1));
+    const __m128i bytes = _mm_maskz_set1_epi8(static_cast<__mmask16>(~pruned), 1);
+    if (full) _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + j), bytes);
+    else _mm_mask_storeu_epi8(keep + j, k, bytes);
   }
 }
 
@@ -184,7 +202,7 @@ LMSQ_AVX512 void rowwise_avx512(const uint32_t* __restrict__ keys, int64_t c, in
     int64_t n = 0;
     for (int64_t j = 0; j < c; j += 16) {
       const __mmask16 km = tail_mask(c - j);
-      const __m512i v = _mm512_maskz_loadu_epi32(km, keys + j);
+      const __m512i v = j + 16 <= c ? _mm512_loadu_si512(keys + j) : _mm512_maskz_loadu_epi32(km, keys + j);
       const __mmask16 below = _mm512_mask_cmplt_epu32_mask(km, v, vlo);
       const __mmask16 inside = _mm512_mask_cmpge_epu32_mask(km, v, vlo) & _mm512_cmple_epu32_mask(v, vhi);
       below_acc = _mm512_mask_add_epi32(below_acc, below, below_acc, one);
@@ -248,8 +266,8 @@ LMSQ_AVX512 void nm_avx512(const T* __restrict__ row,     // [c]
   const __m512i prune_below = _mm512_set1_epi32(p.m - p.n);
   for (int64_t j = 0; j < c; j += 16) {
     const __mmask16 km = tail_mask(c - j);  // c is a multiple of m, so a tail holds whole groups
-    __m512 f = load16(row + j, km);
-    if (sq) f = _mm512_mul_ps(_mm512_abs_ps(f), _mm512_maskz_loadu_ps(km, sq + j));
+    __m512 f = km == 0xFFFF ? load16(row + j) : load16(row + j, km);
+    if (sq) f = _mm512_mul_ps(_mm512_abs_ps(f), km == 0xFFFF ? _mm512_loadu_ps(sq + j) : _mm512_maskz_loadu_ps(km, sq + j));
     const __m512i v = key16(f);
     __m512i rank = _mm512_setzero_si512();
     for (int s = 0; s < p.m - 1; ++s) {
