@@ -1,6 +1,6 @@
 """Kernel benchmarks: every fast path against its reference, validated first.
 
-    python bench/bench_kernels.py [--ops col_sq_norm] [--quick]
+    python bench/bench_kernels.py [--ops col_sq_norm,hessian,masks] [--quick]
 """
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import Case, parser, run
-from lmsqueeze.kernels import col_sq_norm_update, col_sq_norm_update_ref
-from lmsqueeze.testing import compare
+from lmsqueeze.kernels import (col_sq_norm_update, col_sq_norm_update_ref, hessian_finalize, hessian_update,
+                               hessian_update_ref, nm_mask, nm_mask_ref, rowwise_mask, rowwise_mask_ref, wanda_mask,
+                               wanda_mask_ref, wanda_scores)
+from lmsqueeze.testing import TOLERANCES, compare
 
 
 def col_sq_norm_cases(quick: bool) -> list[Case]:
@@ -45,7 +47,131 @@ def col_sq_norm_cases(quick: bool) -> list[Case]:
     return cases
 
 
-OPS = {"col_sq_norm": col_sq_norm_cases}
+def _max_rel_err(H: torch.Tensor, H64: torch.Tensor) -> float:
+    """max |H - H64| / max |H64|: the error relative to the largest entry (off-diagonal entries near 0
+    make an element-wise relative error meaningless)."""
+    return float((H.double().cpu() - H64).abs().max() / H64.abs().max())
+
+
+def hessian_cases(quick: bool) -> list[Case]:
+    """bf16 calibration activations [tokens, d] into an fp32 Hessian, from zero (n = 0).
+
+    Timed: the update (fast paths fill the lower triangle); hessian_finalize, once per Hessian, is its
+    own case. Checked: the finalized fast H against the fp32 reference (the declared bf16 tolerance)
+    and against fp64 (max relative error <= 1e-5, recorded in params).
+    """
+    cases = []
+    tokens = 2048 if quick else 16384
+    cuda = torch.cuda.is_available()
+    backends = ["triton"] if cuda else ["cpu"]
+    device = "cuda" if cuda else "cpu"
+    for d in (576, 1536, 4096):
+        g = torch.Generator().manual_seed(d)
+        x = torch.randn(tokens, d, generator=g).to(torch.bfloat16).to(device)
+        xd = x.double().cpu()
+        H64 = xd.T @ xd * (2.0 / tokens)
+        del xd
+        H = torch.zeros(d, d, device=device)
+        group = f"hessian d={d}"
+        flops = 2.0 * tokens * d * d  # of the full product x.T @ x, so GFLOP/s compare across rows
+
+        def reset(H=H):
+            H.zero_()
+
+        def ref_check(_, H=H, H64=H64, params=None):
+            err = _max_rel_err(H, H64)
+            params["max_rel_err_vs_fp64"] = f"{err:.1e}"
+            return None if err <= 1e-5 else f"max relative error vs fp64 {err:.2e} > 1e-5"
+
+        ref_params = {"tokens": tokens, "d": d, "dtype": "bf16"}
+        cases.append(Case("ref (fp32 upcast, full matmul)", group, lambda x=x, H=H: hessian_update_ref(H, x, 0),
+                          ref_params, check=lambda o, H=H, H64=H64, p=ref_params: ref_check(o, H, H64, p),
+                          flops=flops, setup=reset))
+        bf16_out = (x.T @ x).double().cpu() * (2.0 / tokens)
+        cases.append(Case("torch bf16 x.T @ x (bf16 output, not a Hessian)", group, lambda x=x: x.T @ x,
+                          {"tokens": tokens, "d": d, "dtype": "bf16",
+                           "max_rel_err_vs_fp64": f"{_max_rel_err(bf16_out, H64):.1e}"},
+                          flops=flops, baseline="ref (fp32 upcast, full matmul)"))
+        del bf16_out
+        for b in backends:
+            params = {"tokens": tokens, "d": d, "dtype": "bf16"}
+
+            def check(_, H=H, H64=H64, params=params, d=d, x=x):
+                Hf = hessian_finalize(H.clone())
+                expected = torch.zeros(d, d, device=H.device)
+                hessian_update_ref(expected, x, 0)
+                atol, rtol = TOLERANCES[torch.bfloat16]
+                msg = compare(Hf, expected, atol=atol * float(expected.abs().max()), rtol=rtol, name="vs fp32 ref")
+                if msg is not None:
+                    return msg
+                err = _max_rel_err(Hf, H64)
+                params["max_rel_err_vs_fp64"] = f"{err:.1e}"
+                return None if err <= 1e-5 else f"max relative error vs fp64 {err:.2e} > 1e-5"
+
+            cases.append(Case(f"{b} (lower triangle)", group, lambda x=x, H=H, b=b: hessian_update(H, x, 0, backend=b),
+                              params, check=check, flops=flops, baseline="ref (fp32 upcast, full matmul)",
+                              setup=reset))
+        Hs = torch.randn(d, d, device=device)
+        cases.append(Case("hessian_finalize (mirror, once per Hessian)", group, lambda Hs=Hs: hessian_finalize(Hs),
+                          {"d": d}, check=lambda out: None if torch.equal(out, out.T) else "not symmetric",
+                          bytes=d * d * 4.0))
+    return cases
+
+
+def masks_cases(quick: bool) -> list[Case]:
+    """Wanda masks of a weight W [out, in] (bf16) from the input's squared column norms.
+
+    Fused wanda_mask (W, norms -> keep mask, the scores never stored) at 50% row-wise and 2:4; and
+    the score-matrix ops rowwise_mask / nm_mask on fp32 scores. The floor is one memory copy of W
+    (bf16; and of the fp32 scores for the score-matrix ops): speedup columns are against it, so
+    >= 0.50x means "within 2x of a copy". Every fast mask is checked bit-exact against its ref.
+    """
+    cases = []
+    cuda = torch.cuda.is_available()
+    backends = ["triton"] if cuda else ["cpu"]
+    device = "cuda" if cuda else "cpu"
+    shapes = [(576, 1536), (1536, 576)] if quick else [(576, 1536), (1536, 576), (4096, 4096), (4096, 11008)]
+    for out_f, in_f in shapes:
+        g = torch.Generator().manual_seed(out_f + in_f)
+        W = torch.randn(out_f, in_f, generator=g).to(torch.bfloat16).to(device)
+        norm = (torch.rand(in_f, generator=g) * 4).to(device)
+        scores = wanda_scores(W, norm)
+        group = f"masks W={out_f}x{in_f}"
+        params = {"out": out_f, "in": in_f}
+        copy_w, copy_s = torch.empty_like(W), torch.empty_like(scores)
+        floor_w, floor_s = "memory copy of W (bf16)", "memory copy of scores (fp32)"
+        cases.append(Case(floor_w, group, lambda W=W, c=copy_w: c.copy_(W), params, bytes=W.numel() * 4.0))
+        cases.append(Case(floor_s, group, lambda s=scores, c=copy_s: c.copy_(s), params, bytes=scores.numel() * 8.0))
+        rw = wanda_mask_ref(W, norm, 0.5)
+        nm = wanda_mask_ref(W, norm, n=2, m=4)
+
+        def same(expected):
+            return lambda out: None if torch.equal(out, expected) else f"{int((out != expected).sum())} entries differ"
+
+        big = out_f * in_f > 4096 * 4096  # the sort-based refs take seconds there: timed on the smaller shapes
+        if not big:
+            cases.append(Case("wanda_mask ref 50% (scores + stable sort)", group,
+                              lambda W=W, n=norm: wanda_mask_ref(W, n, 0.5), params, check=same(rw), baseline=floor_w))
+            cases.append(Case("wanda_mask ref 2:4", group, lambda W=W, n=norm: wanda_mask_ref(W, n, n=2, m=4), params,
+                              check=same(nm), baseline=floor_w))
+        for b in backends:
+            cases.append(Case(f"wanda_mask {b} 50% row-wise (fused)", group,
+                              lambda W=W, n=norm, b=b: wanda_mask(W, n, 0.5, backend=b), params, check=same(rw),
+                              bytes=W.numel() * 3.0, baseline=floor_w))
+            cases.append(Case(f"wanda_mask {b} 2:4 (fused)", group,
+                              lambda W=W, n=norm, b=b: wanda_mask(W, n, n=2, m=4, backend=b), params, check=same(nm),
+                              bytes=W.numel() * 3.0, baseline=floor_w))
+            cases.append(Case(f"rowwise_mask {b} 50% (fp32 scores)", group,
+                              lambda s=scores, b=b: rowwise_mask(s, 0.5, backend=b), params,
+                              check=same(rowwise_mask_ref(scores, 0.5)) if not big else same(rw),
+                              bytes=scores.numel() * 5.0, baseline=floor_s))
+            cases.append(Case(f"nm_mask {b} 2:4 (fp32 scores)", group, lambda s=scores, b=b: nm_mask(s, 2, 4, backend=b),
+                              params, check=same(nm_mask_ref(scores, 2, 4)) if not big else same(nm),
+                              bytes=scores.numel() * 5.0, baseline=floor_s))
+    return cases
+
+
+OPS = {"col_sq_norm": col_sq_norm_cases, "hessian": hessian_cases, "masks": masks_cases}
 
 
 def main():

@@ -40,6 +40,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("nsamples"), py::arg("mask") = py::none());
   m.def("sparse24_matmul_cpu", &lmsqueeze::sparse24_matmul_cpu, py::arg("x"), py::arg("values"), py::arg("meta"),
         py::arg("bias") = py::none());
+  m.def("hessian_update_cpu", &lmsqueeze::hessian_update_cpu, py::arg("H"), py::arg("x"), py::arg("nsamples"),
+        py::arg("mask") = py::none());
+  m.def("hessian_finalize_cpu", &lmsqueeze::hessian_finalize_cpu, py::arg("H"));
+  m.def("rowwise_mask_cpu", &lmsqueeze::rowwise_mask_cpu, py::arg("scores"), py::arg("k"));
+  m.def("nm_mask_cpu", &lmsqueeze::nm_mask_cpu, py::arg("scores"), py::arg("n"), py::arg("m"));
+  m.def("wanda_mask_cpu", &lmsqueeze::wanda_mask_cpu, py::arg("W"), py::arg("col_sq_norm"), py::arg("k"),
+        py::arg("n"), py::arg("m"));
 #ifdef LMSQUEEZE_WITH_CUDA
   m.def("col_sq_norm_update_cuda", &lmsqueeze::col_sq_norm_update_cuda, py::arg("s"), py::arg("x"),
         py::arg("nsamples"), py::arg("mask") = py::none());

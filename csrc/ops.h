@@ -14,6 +14,20 @@ int64_t col_sq_norm_update_cpu(torch::Tensor s, const torch::Tensor& x, int64_t 
 // int16 (format: lmsqueeze/kernels/sparse24.py); float32 or bfloat16.
 torch::Tensor sparse24_matmul_cpu(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& meta,
                                   const std::optional<torch::Tensor>& bias);
+// H <- H * n / (n + m) + (2 / (n + m)) * X^T X over the m valid rows, LOWER triangle only; returns n + m.
+int64_t hessian_update_cpu(torch::Tensor H, const torch::Tensor& x, int64_t nsamples,
+                           const std::optional<torch::Tensor>& mask);
+// Mirror the lower triangle of H onto the upper one, in place.
+void hessian_finalize_cpu(torch::Tensor H);
+
+// KEEP masks (true = kept). Ties: among equal scores the lower column index is pruned first.
+// rowwise: prune exactly k entries per row of scores [rows, cols] (fp32).
+torch::Tensor rowwise_mask_cpu(const torch::Tensor& scores, int64_t k);
+// N:M: keep the n highest of every m consecutive entries along the last dimension (fp32).
+torch::Tensor nm_mask_cpu(const torch::Tensor& scores, int64_t n, int64_t m);
+// Fused Wanda: scores |W| * sqrt(col_sq_norm) computed on the fly, then rowwise (k >= 0) or N:M (n, m).
+torch::Tensor wanda_mask_cpu(const torch::Tensor& W, const torch::Tensor& col_sq_norm, int64_t k, int64_t n,
+                             int64_t m);
 
 #ifdef LMSQUEEZE_WITH_CUDA
 int64_t col_sq_norm_update_cuda(torch::Tensor s, const torch::Tensor& x, int64_t nsamples,

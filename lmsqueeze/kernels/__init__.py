@@ -5,9 +5,11 @@ from lmsqueeze.kernels.masks import check_nm, nm_mask, nm_mask_ref, rowwise_mask
 from lmsqueeze.kernels.sparse24 import compress as sparse24_compress
 from lmsqueeze.kernels.sparse24 import decompress as sparse24_decompress
 from lmsqueeze.kernels.sparse24 import sparse24_matmul, sparse24_matmul_ref
+from lmsqueeze.kernels.masks import wanda_mask, wanda_mask_ref
 
 __all__ = [
     "check_nm", "col_sq_norm_update", "col_sq_norm_update_ref", "hessian_finalize", "hessian_update",
     "hessian_update_ref", "nm_mask", "nm_mask_ref", "rowwise_mask", "rowwise_mask_ref", "wanda_scores",
     "sparse24_compress", "sparse24_decompress", "sparse24_matmul", "sparse24_matmul_ref",
+    "wanda_mask", "wanda_mask_ref",
 ]

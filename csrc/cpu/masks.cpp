@@ -1,0 +1,390 @@
+// KEEP masks from scores on the CPU: exact count per row, or N of every M, with deterministic ties.
+//
+// Every score becomes an order-preserving 32-bit key (the float's bits with the sign handled, -0
+// equal to +0), so "lower score, and among equal scores the lower column index, is pruned first" is
+// plain unsigned order on (key, column). One row at a time per thread:
+//   1. keys of the row into a buffer that stays in L1/L2 (fused Wanda: |W| * sqrt(norm) computed in
+//      the same pass, so the scores never reach memory);
+//   2. row-wise: the k-th smallest (key, column) without sorting: bracket it from a strided sample
+//      of 256 keys (vectorized binary searches on the sample), one pass that counts keys below the
+//      bracket and compresses the keys inside it (about a fifth of the row), then an exact
+//      select among those candidates (a 256-bin histogram, then nth_element on (key, column) pairs
+//      in the one bin that holds the k-th), which settles ties by column too. A bracket that misses
+//      (rare) falls back to a binary search on the whole row, so the result is exact either way.
+//      N:M with M dividing 16: each lane ranks itself against the other M-1 lanes of its group via
+//      lane permutes, so one zmm handles 16/M groups with no sort at all.
+//   3. one pass writes the mask bytes.
+// OpenMP over rows. A CPU without AVX-512 (or an ISA cap) runs the scalar versions: nth_element on
+// (key, column) pairs for rows, a rank count per group for N:M.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "ops.h"
+
+namespace lmsqueeze {
+
+namespace {
+
+#define LMSQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq")))
+
+inline uint32_t float_key(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if (u == 0x80000000u) u = 0;  // -0 ties with +0, as in torch.sort
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+inline __mmask16 tail_mask(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+LMSQ_AVX512 inline __m512i key16(__m512 f) {
+  __m512i u = _mm512_castps_si512(f);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  u = _mm512_mask_mov_epi32(u, _mm512_cmpeq_epi32_mask(u, sign), _mm512_setzero_si512());
+  return _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
+}
+
+LMSQ_AVX512 inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+LMSQ_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+LMSQ_AVX512 inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+LMSQ_AVX512 inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+LMSQ_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+LMSQ_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 k) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+}
+
+// ---- keys of one row ------------------------------------------------------------------------
+// sq == nullptr: keys of the scores themselves; else Wanda scores |w| * sq[j].
+template <typename T>
+LMSQ_AVX512 void row_keys_avx512(const T* __restrict__ row,      // [c]
+                                 const float* __restrict__ sq,   // [c] or nullptr
+                                 int64_t c, uint32_t* __restrict__ keys) {  // [c]
+  // full vectors take plain loads/stores: masked ones cost more on some cores (Zen 4 among them)
+  int64_t j = 0;
+  for (; j + 16 <= c; j += 16) {
+    __m512 v = load16(row + j);
+    if (sq) v = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_loadu_ps(sq + j));
+    _mm512_storeu_si512(keys + j, key16(v));
+  }
+  if (j < c) {
+    const __mmask16 k = tail_mask(c - j);
+    __m512 v = load16(row + j, k);
+    if (sq) v = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_maskz_loadu_ps(k, sq + j));
+    _mm512_mask_storeu_epi32(keys + j, k, key16(v));
+  }
+}
+
+template <typename T>
+void row_keys_generic(const T* __restrict__ row, const float* __restrict__ sq, int64_t c, uint32_t* __restrict__ keys) {
+  for (int64_t j = 0; j < c; ++j) {
+    const float v = static_cast<float>(row[j]);
+    keys[j] = float_key(sq ? std::fabs(v) * sq[j] : v);
+  }
+}
+
+// ---- row-wise exact-k selection -----------------------------------------------------------------
+LMSQ_AVX512 int64_t count_le(const uint32_t* __restrict__ keys, int64_t len, uint32_t t) {
+  const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i acc = _mm512_setzero_si512();
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    const __mmask16 m = _mm512_cmple_epu32_mask(_mm512_loadu_si512(keys + j), vt);
+    acc = _mm512_mask_add_epi32(acc, m, acc, one);
+  }
+  if (j < len) {
+    const __mmask16 k = tail_mask(len - j);
+    const __mmask16 m = _mm512_mask_cmple_epu32_mask(k, _mm512_maskz_loadu_epi32(k, keys + j), vt);
+    acc = _mm512_mask_add_epi32(acc, m, acc, one);
+  }
+  return _mm512_reduce_add_epi32(acc);
+}
+
+// Smallest t in [lo, hi] with count(keys <= t) >= r; needs count(keys <= hi) >= r.
+LMSQ_AVX512 uint32_t kth_key(const uint32_t* keys, int64_t len, int64_t r, uint32_t lo, uint32_t hi) {
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (count_le(keys, len, mid) >= r) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo;
+}
+
+// Column of the `need`-th (1-based) occurrence of key t, scanning keys in index order.
+inline int64_t nth_occurrence(const uint32_t* keys, const int32_t* idx, int64_t len, uint32_t t, int64_t need) {
+  for (int64_t j = 0; j < len; ++j)
+    if (keys[j] == t && --need == 0) return idx ? idx[j] : j;
+  return -1;
+}
+
+struct Scratch {
+  std::vector<uint32_t> keys, cand_keys;
+  std::vector<int32_t> cand_idx;
+  std::vector<uint64_t> pairs;
+  void reserve(int64_t c) {
+    keys.resize(c + 16);
+    cand_keys.resize(c + 16);
+    cand_idx.resize(c + 16);
+  }
+};
+
+// The r-th smallest (key, column) pair (1-based) of n candidates with keys in [lo, hi]: a 256-bin
+// histogram of the keys finds the bin holding it (one scalar pass), nth_element inside that bin
+// (a handful of pairs, or all the tied ones) finishes. Returns key << 32 | column.
+uint64_t select_candidate(const uint32_t* __restrict__ ck, const int32_t* __restrict__ ci, int64_t n, uint32_t lo,
+                          uint32_t hi, int64_t r, std::vector<uint64_t>& bin) {
+  const uint32_t span = hi - lo;
+  int shift = 0;
+  while ((span >> shift) > 255u) ++shift;
+  uint32_t hist[256] = {0};
+  for (int64_t i = 0; i < n; ++i) ++hist[(ck[i] - lo) >> shift];
+  int64_t before = 0;
+  uint32_t b = 0;
+  for (; b < 255u && before + hist[b] < r; ++b) before += hist[b];
+  bin.clear();
+  for (int64_t i = 0; i < n; ++i)
+    if (((ck[i] - lo) >> shift) == b) bin.push_back((static_cast<uint64_t>(ck[i]) << 32) | static_cast<uint32_t>(ci[i]));
+  const int64_t at = r - before - 1;
+  std::nth_element(bin.begin(), bin.begin() + at, bin.end());
+  return bin[at];
+}
+
+// keep[j] = !(key < t || (key == t && j <= t_idx))
+LMSQ_AVX512 void write_rowwise(const uint32_t* __restrict__ keys, int64_t c, uint32_t t, int64_t t_idx,
+                               bool* __restrict__ keep) {
+  const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
+  const __m512i vti = _mm512_set1_epi32(static_cast<int>(t_idx));
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t j = 0; j < c; j += 16) {
+    const bool full = j + 16 <= c;
+    const __mmask16 k = tail_mask(c - j);
+    const __m512i v = full ? _mm512_loadu_si512(keys + j) : _mm512_maskz_loadu_epi32(k, keys + j);
+    const __m512i idx = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(j)));
+    const __mmask16 pruned = _mm512_cmplt_epu32_mask(v, vt) |
+                             (_mm512_cmpeq_epi32_mask(v, vt) & _mm512_cmple_epi32_mask(idx, vti));
+    const __m128i bytes = _mm_maskz_set1_epi8(static_cast<__mmask16>(~pruned), 1);
+    if (full) _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + j), bytes);
+    else _mm_mask_storeu_epi8(keep + j, k, bytes);
+  }
+}
+
+LMSQ_AVX512 void rowwise_avx512(const uint32_t* __restrict__ keys, int64_t c, int64_t k, Scratch& s,
+                                bool* __restrict__ keep) {
+  constexpr int64_t kSample = 256;
+  if (c >= 4 * kSample) {
+    uint32_t sample[kSample];
+    for (int64_t i = 0; i < kSample; ++i) sample[i] = keys[(i * c) / kSample + (c / kSample) / 2];
+    const double q = static_cast<double>(k) / static_cast<double>(c);
+    const double delta = 3.0 * std::sqrt(kSample * q * (1.0 - q)) + 4.0;
+    const int64_t r_lo = static_cast<int64_t>(std::floor(q * kSample - delta));
+    const int64_t r_hi = static_cast<int64_t>(std::ceil(q * kSample + delta));
+    const uint32_t lo = r_lo >= 1 ? kth_key(sample, kSample, r_lo, 0, 0xFFFFFFFFu) : 0u;
+    const uint32_t hi = r_hi <= kSample ? kth_key(sample, kSample, r_hi, lo, 0xFFFFFFFFu) : 0xFFFFFFFFu;
+    // one pass: keys below lo are counted, keys in [lo, hi] are compressed out with their columns
+    const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo)), vhi = _mm512_set1_epi32(static_cast<int>(hi));
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512i below_acc = _mm512_setzero_si512();
+    int64_t n = 0;
+    for (int64_t j = 0; j < c; j += 16) {
+      const __mmask16 km = tail_mask(c - j);
+      const __m512i v = j + 16 <= c ? _mm512_loadu_si512(keys + j) : _mm512_maskz_loadu_epi32(km, keys + j);
+      const __mmask16 below = _mm512_mask_cmplt_epu32_mask(km, v, vlo);
+      const __mmask16 inside = _mm512_mask_cmpge_epu32_mask(km, v, vlo) & _mm512_cmple_epu32_mask(v, vhi);
+      below_acc = _mm512_mask_add_epi32(below_acc, below, below_acc, one);
+      _mm512_storeu_si512(s.cand_keys.data() + n, _mm512_maskz_compress_epi32(inside, v));
+      _mm512_storeu_si512(s.cand_idx.data() + n,
+                          _mm512_maskz_compress_epi32(inside, _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(j)))));
+      n += _mm_popcnt_u32(inside);
+    }
+    const int64_t nbelow = _mm512_reduce_add_epi32(below_acc);
+    if (nbelow < k && k <= nbelow + n) {
+      const uint64_t kth = select_candidate(s.cand_keys.data(), s.cand_idx.data(), n, lo, hi, k - nbelow, s.pairs);
+      write_rowwise(keys, c, static_cast<uint32_t>(kth >> 32), static_cast<int64_t>(kth & 0xFFFFFFFFu), keep);
+      return;
+    }
+  }
+  // small row, or the bracket missed: search the whole row
+  const uint32_t t = kth_key(keys, c, k, 0, 0xFFFFFFFFu);
+  const int64_t less = t > 0 ? count_le(keys, c, t - 1) : 0;
+  write_rowwise(keys, c, t, nth_occurrence(keys, nullptr, c, t, k - less), keep);
+}
+
+void rowwise_generic(const uint32_t* keys, int64_t c, int64_t k, Scratch& s, bool* keep) {
+  s.pairs.resize(c);
+  for (int64_t j = 0; j < c; ++j) s.pairs[j] = (static_cast<uint64_t>(keys[j]) << 32) | static_cast<uint64_t>(j);
+  std::nth_element(s.pairs.begin(), s.pairs.begin() + (k - 1), s.pairs.end());
+  const uint64_t t = s.pairs[k - 1];
+  for (int64_t j = 0; j < c; ++j)
+    keep[j] = ((static_cast<uint64_t>(keys[j]) << 32) | static_cast<uint64_t>(j)) > t;
+}
+
+// ---- N:M ------------------------------------------------------------------------------------------
+// Lane l of a group of m ranks itself against the m-1 others: partner s of lane l is lane
+// (l - l%m) + (l%m + s) % m; it counts as "lower" if its key is smaller, or equal with a lower lane.
+struct NmPlan {
+  int m = 0, n = 0;
+  alignas(64) int32_t perm[15][16];  // partner lane of every lane, per shift s = 1 .. m-1
+  uint16_t partner_first[15];        // lanes whose partner sits earlier in the group
+};
+
+NmPlan make_nm_plan(int n, int m) {
+  NmPlan p;
+  p.m = m;
+  p.n = n;
+  for (int s = 1; s < m; ++s) {
+    unsigned first = 0;
+    for (int l = 0; l < 16; ++l) {
+      const int pos = l % m, other = (pos + s) % m;
+      p.perm[s - 1][l] = l - pos + other;
+      if (other < pos) first |= 1u << l;
+    }
+    p.partner_first[s - 1] = static_cast<uint16_t>(first);
+  }
+  return p;
+}
+
+template <typename T>
+LMSQ_AVX512 void nm_avx512(const T* __restrict__ row,     // [c]
+                           const float* __restrict__ sq,  // [c] or nullptr
+                           int64_t c, const NmPlan& p, bool* __restrict__ keep) {
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i prune_below = _mm512_set1_epi32(p.m - p.n);
+  for (int64_t j = 0; j < c; j += 16) {
+    const __mmask16 km = tail_mask(c - j);  // c is a multiple of m, so a tail holds whole groups
+    __m512 f = km == 0xFFFF ? load16(row + j) : load16(row + j, km);
+    if (sq) f = _mm512_mul_ps(_mm512_abs_ps(f), km == 0xFFFF ? _mm512_loadu_ps(sq + j) : _mm512_maskz_loadu_ps(km, sq + j));
+    const __m512i v = key16(f);
+    __m512i rank = _mm512_setzero_si512();
+    for (int s = 0; s < p.m - 1; ++s) {
+      const __m512i w = _mm512_permutexvar_epi32(_mm512_load_si512(p.perm[s]), v);
+      const __mmask16 lower = _mm512_cmplt_epu32_mask(w, v) |
+                              (_mm512_cmpeq_epi32_mask(w, v) & static_cast<__mmask16>(p.partner_first[s]));
+      rank = _mm512_mask_add_epi32(rank, lower, rank, one);
+    }
+    const __m128i bytes = _mm_maskz_set1_epi8(_mm512_cmpge_epi32_mask(rank, prune_below), 1);
+    if (km == 0xFFFF) _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + j), bytes);
+    else _mm_mask_storeu_epi8(keep + j, km, bytes);
+  }
+}
+
+void nm_generic(const uint32_t* keys, int64_t c, int64_t n, int64_t m, bool* keep) {
+  for (int64_t g = 0; g < c; g += m) {
+    for (int64_t i = 0; i < m; ++i) {
+      int64_t rank = 0;
+      for (int64_t j = 0; j < m; ++j)
+        rank += keys[g + j] < keys[g + i] || (keys[g + j] == keys[g + i] && j < i);
+      keep[g + i] = rank >= m - n;
+    }
+  }
+}
+
+// ---- driver -----------------------------------------------------------------------------------------
+// k >= 0: row-wise with k pruned per row; else N:M.
+template <typename T>
+torch::Tensor mask_impl(const T* data,        // [rows, c], row stride `stride`
+                        const float* sq,      // [c] sqrt(col_sq_norm), or nullptr for plain scores
+                        int64_t rows, int64_t c, int64_t stride, int64_t k, int64_t n, int64_t m) {
+  auto keep = torch::empty({rows, c}, torch::kBool);
+  bool* out = keep.data_ptr<bool>();
+  if (rows == 0 || c == 0) return keep;
+  if (k == 0 || k >= c) {  // round(sparsity * cols) can reach cols on a very short row
+    keep.fill_(k == 0);
+    return keep;
+  }
+  const bool avx512 = active_isa() == kAvx512;
+  const bool nm_vec = avx512 && k < 0 && 16 % m == 0;
+  NmPlan plan;
+  if (nm_vec) plan = make_nm_plan(static_cast<int>(n), static_cast<int>(m));
+#pragma omp parallel
+  {
+    Scratch s;
+    s.reserve(c);
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = data + r * stride;
+      bool* keep_row = out + r * c;
+      if (nm_vec) {  // keys computed in registers, no buffer
+        nm_avx512<T>(row, sq, c, plan, keep_row);
+        continue;
+      }
+      if (avx512) row_keys_avx512<T>(row, sq, c, s.keys.data());
+      else row_keys_generic<T>(row, sq, c, s.keys.data());
+      if (k > 0) {
+        if (avx512) rowwise_avx512(s.keys.data(), c, k, s, keep_row);
+        else rowwise_generic(s.keys.data(), c, k, s, keep_row);
+      } else {
+        nm_generic(s.keys.data(), c, n, m, keep_row);
+      }
+    }
+  }
+  return keep;
+}
+
+torch::Tensor as_rows(const torch::Tensor& t) {
+  torch::Tensor x = t.reshape({-1, t.size(-1)});
+  return x.stride(1) == 1 ? x : x.contiguous();
+}
+
+}  // namespace
+
+torch::Tensor rowwise_mask_cpu(const torch::Tensor& scores_in, int64_t k) {
+  TORCH_CHECK(scores_in.device().is_cpu() && scores_in.scalar_type() == torch::kFloat32 && scores_in.dim() == 2,
+              "rowwise_mask_cpu: scores must be a 2-D float32 CPU tensor");
+  TORCH_CHECK(k >= 0 && k <= scores_in.size(1), "rowwise_mask_cpu: k = ", k, " must be in [0, cols]");
+  const torch::Tensor s = as_rows(scores_in);
+  return mask_impl<float>(s.data_ptr<float>(), nullptr, s.size(0), s.size(1), s.stride(0), k, 0, 0);
+}
+
+torch::Tensor nm_mask_cpu(const torch::Tensor& scores_in, int64_t n, int64_t m) {
+  TORCH_CHECK(scores_in.device().is_cpu() && scores_in.scalar_type() == torch::kFloat32 && scores_in.dim() >= 1,
+              "nm_mask_cpu: scores must be a float32 CPU tensor");
+  TORCH_CHECK(0 < n && n < m && scores_in.size(-1) % m == 0, "nm_mask_cpu: need 0 < n < m and m dividing the width");
+  const torch::Tensor s = as_rows(scores_in);
+  return mask_impl<float>(s.data_ptr<float>(), nullptr, s.size(0), s.size(1), s.stride(0), -1, n, m)
+      .reshape(scores_in.sizes());
+}
+
+torch::Tensor wanda_mask_cpu(const torch::Tensor& W_in, const torch::Tensor& col_sq_norm, int64_t k, int64_t n,
+                             int64_t m) {
+  TORCH_CHECK(W_in.device().is_cpu() && W_in.dim() == 2, "wanda_mask_cpu: W must be a 2-D CPU tensor");
+  const auto dtype = W_in.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kHalf,
+              "wanda_mask_cpu: W must be float32, bfloat16 or float16, got ", dtype);
+  const int64_t c = W_in.size(1);
+  TORCH_CHECK(col_sq_norm.numel() == c, "wanda_mask_cpu: col_sq_norm has ", col_sq_norm.numel(),
+              " entries but W has ", c, " columns");
+  if (k < 0) {
+    TORCH_CHECK(0 < n && n < m && c % m == 0, "wanda_mask_cpu: need 0 < n < m and m dividing the width");
+  } else {
+    TORCH_CHECK(k <= c, "wanda_mask_cpu: k = ", k, " must be in [0, cols]");
+  }
+  // the same fp32 sqrt the reference takes, once per column
+  const torch::Tensor sq = col_sq_norm.to(torch::kFloat32).sqrt().contiguous();
+  const torch::Tensor W = as_rows(W_in);
+  const float* sqp = sq.data_ptr<float>();
+  switch (dtype) {
+    case torch::kFloat32:
+      return mask_impl<float>(W.data_ptr<float>(), sqp, W.size(0), c, W.stride(0), k, n, m);
+    case torch::kBFloat16:
+      return mask_impl<c10::BFloat16>(W.data_ptr<c10::BFloat16>(), sqp, W.size(0), c, W.stride(0), k, n, m);
+    default:
+      return mask_impl<c10::Half>(W.data_ptr<c10::Half>(), sqp, W.size(0), c, W.stride(0), k, n, m);
+  }
+}
+
+}  // namespace lmsqueeze
