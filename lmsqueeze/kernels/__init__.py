@@ -7,3 +7,8 @@ __all__ = [
     "check_nm", "col_sq_norm_update", "col_sq_norm_update_ref", "hessian_finalize", "hessian_update",
     "hessian_update_ref", "nm_mask", "nm_mask_ref", "rowwise_mask", "rowwise_mask_ref", "wanda_scores",
 ]
+from lmsqueeze.kernels.divergence import (  # noqa: E402
+    Divergence, token_divergence, token_divergence_ref, token_divergence_topk, topk_summary,
+)
+
+__all__ += ["Divergence", "token_divergence", "token_divergence_ref", "token_divergence_topk", "topk_summary"]
