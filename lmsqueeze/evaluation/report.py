@@ -6,7 +6,8 @@ import math
 # per task kind: the summary entries shown in the table, in order (nested ones as "a.b")
 _SHOWN = {
     "ppl": ["ppl", "word_ppl", "byte_ppl", "bits_per_byte", "tokens", "windows"],
-    "divergence": ["jsd.mean", "jsd.median", "jsd.p95", "jsd.p99", "kl_base_model.mean", "kl_base_model.p99",
+    "divergence": ["jsd.mean", "jsd_upper_bound_mean", "jsd.median", "jsd.p95", "jsd.p99", "kl_base_model.mean",
+                   "kl_base_model.p99",
                    "kl_model_base.mean", "kl_model_base.p99", "top1_agreement", "abs_dp_ref_mean", "dp_ref.mean",
                    "tokens", "topk"],
     "piqa": ["acc", "acc_norm", "base_acc", "flips", "choice_kl_mean", "items"],

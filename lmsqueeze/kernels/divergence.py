@@ -43,6 +43,8 @@ class Divergence:
     kl_qp: torch.Tensor   # KL(Q||P), fp32
     jsd: torch.Tensor     # Jensen-Shannon divergence (nats), fp32
     top1: torch.Tensor    # bool: argmax P == argmax Q
+    # top-k variant only: the largest amount JSD can be under the true value, (r_P + r_Q)/2 ln 2
+    jsd_slack: torch.Tensor | None = None
 
 
 def _flatten(logits_p, logits_q, mask):
@@ -183,7 +185,8 @@ def _coarse_rows(p_top, p_tail, lq, q_top_idx):
     tp = torch.where(p > 0, p * (lp - lm), torch.zeros_like(p))
     tq = torch.where(q > 0, q * (lqq - lm), torch.zeros_like(q))
     jsd = 0.5 * (tp + tq).sum(-1)
-    return kl_pq.clamp_min(0), kl_qp.clamp_min(0), jsd.clamp(0, LN2)
+    slack = (p[:, -1] + q[:, -1]) * (0.5 * LN2)
+    return kl_pq.clamp_min(0), kl_qp.clamp_min(0), jsd.clamp(0, LN2), slack
 
 
 def token_divergence_topk(p_top: torch.Tensor, p_idx: torch.Tensor, p_log_tail: torch.Tensor,
@@ -205,21 +208,22 @@ def token_divergence_topk(p_top: torch.Tensor, p_idx: torch.Tensor, p_log_tail: 
 
     The KL error has no bound from the top-k alone (it is r_P times an unknown tail KL); it is
     measured on SmolLM2 in the report. top1 is exact (the base argmax is p_idx[:, 0]).
+    The result's jsd_slack holds (r_P + r_Q)/2 ln 2 per token, so [jsd, jsd + jsd_slack] brackets the truth.
     """
     n = logits_q.shape[0]
     if p_top.shape[0] != n or p_idx.shape != p_top.shape or p_log_tail.shape != (n,):
         raise LmsqueezeError(f"top-k cache rows {tuple(p_top.shape)}/{tuple(p_idx.shape)}/{tuple(p_log_tail.shape)} "
                              f"do not match {n} model rows")
-    outs = [[], [], [], []]
+    outs = [[], [], [], [], []]
     for i in range(0, n, chunk_rows):
         sl = slice(i, i + chunk_rows)
         lq = torch.log_softmax(logits_q[sl].float(), dim=-1)
         top1 = lq.argmax(-1) == p_idx[sl, 0]
         idx = p_idx[sl].long()
-        vals = _coarse_rows(p_top[sl].float(), p_log_tail[sl].float(), lq, idx)
-        for acc, v in zip(outs, (*vals, top1)):
+        kl_pq, kl_qp, jsd, slack = _coarse_rows(p_top[sl].float(), p_log_tail[sl].float(), lq, idx)
+        for acc, v in zip(outs, (kl_pq, kl_qp, jsd, top1, slack)):
             acc.append(v)
     if n == 0:
         z = torch.zeros(0, device=logits_q.device)
-        return Divergence(z, z, z, torch.zeros(0, dtype=torch.bool, device=logits_q.device))
+        return Divergence(z, z, z, torch.zeros(0, dtype=torch.bool, device=logits_q.device), z)
     return Divergence(*[torch.cat(a) for a in outs])
