@@ -77,16 +77,21 @@ def evaluate(model, tokenizer=None, tasks="ppl:pydoc", base=None, base_tokenizer
         if t.needs_base and base is None:
             raise LmsqueezeError(f"task '{t.name}' compares with a base model: give one (--base)")
     mname, bname = _name_of(model, model_name), (_name_of(base, base_name) if base is not None else None)
-    if isinstance(model, str):
-        model, tokenizer = _load(model, dtype, device)
-    elif tokenizer is None:
+    if not isinstance(model, str) and tokenizer is None:
         raise LmsqueezeError("a loaded model needs its tokenizer: evaluate(model, tokenizer, ...)")
+    if isinstance(model, str):
+        tokenizer = _load_tokenizer(model)
     root = Path(cache_dir) if cache_dir else None
 
+    # The base runs first and is released before the model is loaded: never both in memory.
     caches, cache_paths = {}, {}
     if base is not None:
-        caches, cache_paths = _base_caches(task_list, model, tokenizer, base, base_tokenizer, bname, dtype, device,
+        caches, cache_paths = _base_caches(task_list, tokenizer, base, base_tokenizer, mname, bname, dtype, device,
                                            root, reuse_cache, opts)
+    if isinstance(model, str):
+        model, _ = _load(model, dtype, device)
+    for c in caches.values():
+        basecache.check_same_vocab(basecache.logit_count(model), c.meta["logits"], mname, bname)
     results = []
     for t in task_list:
         t0 = time.perf_counter()
@@ -104,14 +109,32 @@ def evaluate(model, tokenizer=None, tasks="ppl:pydoc", base=None, base_tokenizer
             "results": results}
 
 
-def _base_caches(task_list, model, tokenizer, base, base_tokenizer, bname, dtype, device, root, reuse, opts):
+def _load_tokenizer(name: str):
+    """The tokenizer of a model named on the command line, without loading its weights."""
+    from lmsqueeze.models import TINY, byte_tokenizer, resolve
+
+    if name in TINY:
+        return byte_tokenizer()
+    path = resolve(name)
+    if not os.path.isdir(path):  # a hub id, or a bad name: load_model says what is wrong with it
+        return _load(name, "fp32", "cpu")[1]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _base_caches(task_list, tokenizer, base, base_tokenizer, mname, bname, dtype, device, root, reuse, opts):
     users = [t for t in task_list if t.uses_base]
+    if not isinstance(base, str) and base_tokenizer is None:
+        raise LmsqueezeError("a loaded base model needs its tokenizer: evaluate(..., base=b, base_tokenizer=tok)")
     tok_id = basecache.tokenizer_identity(tokenizer)
     base_id = _identity_of_name(base, dtype) if isinstance(base, str) else basecache.model_identity(base)
     caches, paths = {}, {}
     loaded = None if isinstance(base, str) else (base, base_tokenizer)
-    if loaded is not None and base_tokenizer is None:
-        raise LmsqueezeError("a loaded base model needs its tokenizer: evaluate(..., base=b, base_tokenizer=tok)")
+    checked = False
     try:
         for t in users:
             reqs = t.requests(tokenizer)
@@ -119,15 +142,15 @@ def _base_caches(task_list, model, tokenizer, base, base_tokenizer, bname, dtype
             path = basecache.cache_path(bname, t.name, key, root)
             paths[t.name] = path
             cached = basecache.load_cache(path) if reuse else None
-            if cached is not None:
+            if cached is not None and "logits" in cached.meta:
                 log.info("%s: reusing the base cache at %s", t.name, path)
                 caches[t.name] = cached
                 continue
             if loaded is None:
                 loaded = _load(base, dtype, device)
-                basecache.check_same_tokenizer(model, tokenizer, loaded[0], loaded[1], _name_of(model, None), bname)
-            elif not isinstance(base, str):
-                basecache.check_same_tokenizer(model, tokenizer, loaded[0], loaded[1], _name_of(model, None), bname)
+            if not checked:
+                basecache.check_same_tokenizer(tokenizer, loaded[1], mname, bname)
+                checked = True
             meta = {"base": bname, "task": t.name, "key": key}
             caches[t.name] = basecache.build_cache(loaded[0], reqs, path, t.base_topk, meta,
                                                    batch_tokens=opts.batch_tokens, desc=f"base {t.name}")

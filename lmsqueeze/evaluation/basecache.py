@@ -61,16 +61,23 @@ def tokenizer_identity(tokenizer) -> str:
     return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()
 
 
-def check_same_tokenizer(model, tokenizer, base, base_tokenizer, model_name="model", base_name="base") -> None:
+def logit_count(model) -> int:
+    """How many logits the model produces per token (its output vocabulary)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+def check_same_tokenizer(tokenizer, base_tokenizer, model_name="model", base_name="base") -> None:
     """Divergence compares distributions token by token: both must use one vocabulary."""
-    mv = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
-    bv = base.get_output_embeddings().weight.shape[0] if base.get_output_embeddings() is not None else None
-    if mv != bv:
-        raise LmsqueezeError(f"'{model_name}' has a vocabulary of {mv} logits but base '{base_name}' has {bv}: "
-                             f"divergence needs a model with the same tokenizer as its base")
     if tokenizer_identity(tokenizer) != tokenizer_identity(base_tokenizer):
         raise LmsqueezeError(f"'{model_name}' and base '{base_name}' use different tokenizers: divergence needs a "
                              f"model with the same tokenizer as its base")
+
+
+def check_same_vocab(model_logits: int, base_logits: int, model_name="model", base_name="base") -> None:
+    if model_logits != base_logits:
+        raise LmsqueezeError(f"'{model_name}' has a vocabulary of {model_logits} logits but base '{base_name}' has "
+                             f"{base_logits}: divergence needs a model with the same tokenizer as its base")
 
 
 def requests_hash(requests) -> str:
@@ -149,6 +156,7 @@ def build_cache(base, requests, path: Path, k: int | None, meta: dict, batch_tok
             rows["log_tail"][at] = tail.cpu()
             rows["target_logp"][at] = tl.cpu()
 
+    meta = {**meta, "logits": logit_count(base)}
     res = loglik(base, requests, batch_tokens=batch_tokens, on_rows=on_rows, desc=desc)
     items = [{"logprob": r.logprob, "ntokens": r.ntokens, "greedy": r.greedy} for r in res]
     path.parent.mkdir(parents=True, exist_ok=True)
