@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", default=None, help="the base (uncompressed) model, for divergence, flips and choice KL")
     s.add_argument("--tasks", default="ppl:pydoc",
                    help="comma-separated: ppl:SOURCE, divergence:SOURCE, piqa, mc:PATH.jsonl, alpaca "
-                        "(SOURCE: pydoc, wikitext2[:test|:valid], alpaca, a .txt/.json/.jsonl file; default ppl:pydoc)")
+                        "(SOURCE: pydoc, wikitext2[:test|:valid], alpaca, alpaca:responses, a .txt/.json/.jsonl file; "
+                        "default ppl:pydoc)")
     s.add_argument("--seqlen", type=int, default=512, help="window length in tokens for ppl/divergence (default 512)")
     s.add_argument("--limit", type=int, default=None, help="at most this many windows or items per task")
     s.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one forward pass (default 4096)")

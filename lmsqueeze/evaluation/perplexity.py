@@ -35,8 +35,18 @@ def windows(tokens: torch.Tensor, seqlen: int, limit: int | None = None) -> list
     return out[:limit] if limit is not None else out
 
 
+def source_text(source: str, data_dir=None) -> str:
+    """The text of a source: any `lmsqueeze.data.load_text` source, plus `alpaca:responses` (the
+    reference responses alone, the text an instruction-tuned model is trained to produce)."""
+    if source == "alpaca:responses":
+        from lmsqueeze.data import alpaca_records
+
+        return "\n\n".join(r["output"] for r in alpaca_records(data_dir))
+    return load_text(source, data_dir)
+
+
 def source_windows(tokenizer, source: str, seqlen: int, limit: int | None = None, data_dir=None) -> list[torch.Tensor]:
-    tokens = tokenize_text(tokenizer, load_text(source, data_dir))
+    tokens = tokenize_text(tokenizer, source_text(source, data_dir))
     wins = windows(tokens, seqlen, limit)
     if not wins:
         raise LmsqueezeError(f"'{source}' has {tokens.numel()} tokens: too few for one window")

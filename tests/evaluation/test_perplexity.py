@@ -62,3 +62,13 @@ def test_smollm2_wikitext2_matches_plain_hf_loss():
         losses = [model(input_ids=ids[i:i + 1], labels=ids[i:i + 1]).loss.item() for i in range(n)]
     hf = math.exp(sum(losses) / n)
     assert ours["ppl"] == pytest.approx(hf, rel=1e-3)
+
+
+def test_alpaca_responses_source():
+    from lmsqueeze.data import alpaca_records
+    from lmsqueeze.evaluation.perplexity import source_text
+
+    recs = alpaca_records()
+    assert source_text("alpaca:responses").startswith(recs[0]["output"] + "\n\n" + recs[1]["output"])
+    model, tok = models.load_model("tiny-llama")
+    assert perplexity(model, tok, "alpaca:responses", seqlen=32, limit=1)["tokens"] == 31
