@@ -4,3 +4,13 @@ __version__ = "0.1.0"
 from lmsqueeze.errors import LmsqueezeError  # noqa: E402
 
 __all__ = ["LmsqueezeError", "__version__"]
+
+
+def evaluate(*args, **kwargs):
+    """Run evaluation tasks on a model (see lmsqueeze.evaluation.api.evaluate); imported lazily."""
+    from lmsqueeze.evaluation.api import evaluate as _evaluate
+
+    return _evaluate(*args, **kwargs)
+
+
+__all__ += ["evaluate"]

@@ -119,40 +119,25 @@ def cmd_data(args) -> int:
 
 # ---- eval -------------------------------------------------------------------------------------------
 
-def parse_tasks(spec: str) -> list[tuple[str, str]]:
-    tasks = []
-    for item in (t.strip() for t in spec.split(",")):
-        if not item:
-            continue
-        kind, _, arg = item.partition(":")
-        if kind != "ppl":
-            raise LmsqueezeError(f"unknown task '{item}'; valid: ppl:SOURCE (e.g. ppl:pydoc, ppl:wikitext2:test)")
-        if not arg:
-            raise LmsqueezeError(f"task '{item}' needs a text source, e.g. ppl:pydoc")
-        tasks.append((kind, arg))
-    if not tasks:
-        raise LmsqueezeError("--tasks is empty; e.g. --tasks ppl:pydoc")
-    return tasks
+def parse_tasks(spec: str):
+    """The tasks named by --tasks (see lmsqueeze.evaluation.tasks for the registry)."""
+    from lmsqueeze.evaluation.tasks import parse_tasks as _parse
+
+    return _parse(spec)
 
 
 def cmd_eval(args) -> int:
-    from lmsqueeze.evaluation.perplexity import perplexity
-    from lmsqueeze.models import load_model
+    from lmsqueeze.evaluation.api import evaluate, write_report
+    from lmsqueeze.evaluation.report import render_markdown
 
-    tasks = parse_tasks(args.tasks)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    results = []
-    for kind, source in tasks:
-        res = perplexity(model, tok, source, seqlen=args.seqlen, limit=args.limit, batch_size=args.batch_size,
-                         data_dir=args.data_dir)
-        results.append({"task": f"{kind}:{source}", **res})
-    print(f"| model | task | perplexity | tokens | windows x seqlen |\n|---|---|---|---|---|")
-    for r in results:
-        print(f"| {args.model} | {r['task']} | {r['ppl']:.3f} | {r['tokens']} | {r['windows']} x {r['seqlen']} |")
+    parse_tasks(args.tasks)  # fail on a bad task name before any model is loaded
+    report = evaluate(args.model, tasks=args.tasks, base=args.base, seqlen=args.seqlen, limit=args.limit,
+                      batch_tokens=args.batch_tokens, topk=args.topk, max_new_tokens=args.max_new_tokens,
+                      data_dir=args.data_dir, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir,
+                      reuse_cache=not args.no_cache)
+    print(render_markdown(report))
     if args.output:
-        from lmsqueeze.io import write_json_atomic
-
-        write_json_atomic(args.output, {"model": args.model, "dtype": args.dtype, "results": results})
+        write_report(report, args.output)
     return 0
 
 
@@ -176,16 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "else ../shared/data beside the repository)")
     s.set_defaults(func=cmd_data)
 
-    s = sub.add_parser("eval", help="evaluate a model")
-    s.add_argument("--model", required=True, help="builtin name, local directory or Hugging Face id")
-    s.add_argument("--tasks", default="ppl:pydoc", help="comma-separated tasks: ppl:SOURCE (default: ppl:pydoc)")
-    s.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512)")
-    s.add_argument("--limit", type=int, default=None, help="at most this many windows per task")
-    s.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    s = sub.add_parser("eval", help="evaluate a model (perplexity, divergence from a base, multiple choice, Alpaca)")
+    s.add_argument("--model", required=True, help="builtin name, local directory (e.g. a compressed model) or "
+                                                  "Hugging Face id")
+    s.add_argument("--base", default=None, help="the base (uncompressed) model, for divergence, flips and choice KL")
+    s.add_argument("--tasks", default="ppl:pydoc",
+                   help="comma-separated: ppl:SOURCE, divergence:SOURCE, piqa, mc:PATH.jsonl, alpaca "
+                        "(SOURCE: pydoc, wikitext2[:test|:valid], alpaca, alpaca:responses, a .txt/.json/.jsonl file; "
+                        "default ppl:pydoc)")
+    s.add_argument("--seqlen", type=int, default=512, help="window length in tokens for ppl/divergence (default 512)")
+    s.add_argument("--limit", type=int, default=None, help="at most this many windows or items per task")
+    s.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one forward pass (default 4096)")
+    s.add_argument("--topk", type=int, default=64, help="top-k log-probs of the base kept in its cache (default 64)")
+    s.add_argument("--max-new-tokens", type=int, default=128, help="generation length for alpaca (default 128)")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (default fp32)")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     s.add_argument("--data-dir", default=None, help="directory holding the data sets")
-    s.add_argument("--output", default=None, help="write the results as JSON here")
+    s.add_argument("--cache-dir", default=None, help="where base-model caches live (default LMSQUEEZE_CACHE/eval-base)")
+    s.add_argument("--no-cache", action="store_true", help="recompute the base model's outputs even if cached")
+    s.add_argument("--output", default=None, help="write the full report (per-item results) as JSON here")
     s.set_defaults(func=cmd_eval)
     return p
 

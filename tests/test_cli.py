@@ -44,16 +44,35 @@ def test_missing_dataset_is_one_line(tmp_path):
 
 def test_unknown_task(capsys):
     assert main(["eval", "--model", "tiny-llama", "--tasks", "bleu:pydoc"]) == 2
-    assert "unknown task 'bleu:pydoc'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown task 'bleu:pydoc'; valid: ppl:SOURCE, divergence:SOURCE, piqa, mc:PATH.jsonl, alpaca" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_eval_ppl_on_tiny_model(capsys, tmp_path):
     out = tmp_path / "r.json"
     assert main(["--quiet", "eval", "--model", "tiny-llama", "--tasks", "ppl:pydoc", "--limit", "2", "--seqlen", "64",
                  "--output", str(out)]) == 0
-    assert "| tiny-llama | ppl:pydoc |" in capsys.readouterr().out
+    assert "| ppl:pydoc | ppl |" in capsys.readouterr().out
     res = json.loads(out.read_text())["results"][0]
-    assert res["tokens"] == 2 * 63 and res["ppl"] > 1
+    assert res["summary"]["tokens"] == 2 * 63 and res["summary"]["ppl"] > 1 and len(res["items"]) == 2
+
+
+def test_eval_against_base_and_bad_inputs(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"context": "a", "choices": ["b", "c"], "label": 1}) + "\n")
+    assert main(["--quiet", "eval", "--model", "tiny-llama", "--base", "tiny-llama", "--tasks",
+                 f"divergence:pydoc,mc:{mc}", "--limit", "2", "--seqlen", "32", "--topk", "8",
+                 "--cache-dir", str(tmp_path / "cache"), "--output", str(out)]) == 0
+    assert "| divergence:pydoc | jsd.mean | 0.0000 |" in capsys.readouterr().out
+    rep = json.loads(out.read_text())
+    assert rep["base"] == "tiny-llama" and rep["results"][1]["summary"]["flips"] == 0.0
+    mc.write_text(json.dumps({"context": "a", "choices": ["b", "c"], "label": 1}) + "\n{broken\n")
+    assert main(["eval", "--model", "tiny-llama", "--tasks", f"mc:{mc}"]) == 2
+    assert f"{mc}:2: not valid JSON" in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny-llama", "--tasks", "divergence:pydoc"]) == 2
+    assert "task 'divergence:pydoc' compares with a base model: give one (--base)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cmd", [["models"], ["data"], ["--help"], ["eval", "--help"]])

@@ -13,3 +13,8 @@ __all__ = [
     "sparse24_compress", "sparse24_decompress", "sparse24_matmul", "sparse24_matmul_ref",
     "wanda_mask", "wanda_mask_ref",
 ]
+from lmsqueeze.kernels.divergence import (  # noqa: E402
+    Divergence, token_divergence, token_divergence_ref, token_divergence_topk, topk_summary,
+)
+
+__all__ += ["Divergence", "token_divergence", "token_divergence_ref", "token_divergence_topk", "topk_summary"]

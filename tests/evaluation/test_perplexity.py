@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lmsqueeze import models
-from lmsqueeze.evaluation.perplexity import nll_sum, perplexity, windows
+from lmsqueeze.data import load_text, tokenize_text
+from lmsqueeze.evaluation.perplexity import nll_sum, perplexity, summarize_ppl, windows
 
 
 def test_windows_keep_the_remainder():
@@ -19,14 +20,55 @@ def test_nll_hand_computed():
     assert nll.item() == pytest.approx(math.log(2) + math.log(4 / 3))
 
 
+def test_summary_hand_computed():
+    s = summarize_ppl([6.0, 2.0], [3, 1], words=2, nbytes=8)
+    assert s["ppl"] == pytest.approx(math.exp(2.0)) and s["tokens"] == 4
+    assert s["word_ppl"] == pytest.approx(math.exp(4.0))
+    assert s["byte_ppl"] == pytest.approx(math.exp(1.0))
+    assert s["bits_per_byte"] == pytest.approx(1 / math.log(2))
+
+
 def test_matches_hf_loss_and_batch_size_invariant():
     model, tok = models.load_model("tiny-qwen2")
-    r1 = perplexity(model, tok, "pydoc", seqlen=32, limit=5, batch_size=1)
-    r3 = perplexity(model, tok, "pydoc", seqlen=32, limit=5, batch_size=3)
+    r1 = perplexity(model, tok, "pydoc", seqlen=32, limit=5, batch_tokens=1)
+    r3 = perplexity(model, tok, "pydoc", seqlen=32, limit=5, batch_tokens=96)
     assert r1["ppl"] == pytest.approx(r3["ppl"], rel=1e-5)
-    from lmsqueeze.data import load_text, tokenize_text
-
     ids = tokenize_text(tok, load_text("pydoc"))[:160].view(5, 32)
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert r1["ppl"] == pytest.approx(math.exp(loss.item()), rel=1e-5)
+    assert r1["tokens"] == 5 * 31 and len(r1["items"]) == 5
+    # byte tokenizer: one token per byte, so bytes = the 160 decoded bytes
+    assert r1["bytes"] == 160
+
+
+def test_remainder_window_is_token_weighted(tmp_path):
+    model, tok = models.load_model("tiny-llama")
+    f = tmp_path / "t.txt"
+    f.write_text("abcdefghij" * 7)  # 70 bytes = 70 tokens: windows of 32, 32 and a remainder of 6
+    r = perplexity(model, tok, str(f), seqlen=32)
+    assert r["windows"] == 3 and r["tokens"] == 31 + 31 + 5
+    assert r["nll"] == pytest.approx(sum(i["nll"] for i in r["items"]) / r["tokens"])
+
+
+@pytest.mark.slow
+def test_smollm2_wikitext2_matches_plain_hf_loss():
+    """Our ppl on the first 3 windows of wikitext2:test against HF's own loss on the same windows: within 0.1%."""
+    model, tok = models.load_model("smollm2-135m", dtype="fp32")
+    seqlen, n = 256, 3
+    ours = perplexity(model, tok, "wikitext2:test", seqlen=seqlen, limit=n, batch_tokens=2 * seqlen)
+    ids = tokenize_text(tok, load_text("wikitext2:test"))[:seqlen * n].view(n, seqlen)
+    with torch.no_grad():
+        losses = [model(input_ids=ids[i:i + 1], labels=ids[i:i + 1]).loss.item() for i in range(n)]
+    hf = math.exp(sum(losses) / n)
+    assert ours["ppl"] == pytest.approx(hf, rel=1e-3)
+
+
+def test_alpaca_responses_source():
+    from lmsqueeze.data import alpaca_records
+    from lmsqueeze.evaluation.perplexity import source_text
+
+    recs = alpaca_records()
+    assert source_text("alpaca:responses").startswith(recs[0]["output"] + "\n\n" + recs[1]["output"])
+    model, tok = models.load_model("tiny-llama")
+    assert perplexity(model, tok, "alpaca:responses", seqlen=32, limit=1)["tokens"] == 31
