@@ -93,8 +93,8 @@ def stratified_sample(items: list, key: Callable, limit: int | None, seed: int =
     """At most `limit` items spread over the strata given by `key`, drawn at random with `seed`
     inside each stratum; the chosen items keep their original order.
 
-    allocation "proportional": stratum shares follow their sizes (largest remainders; every stratum
-    gets one item first when `limit` allows), so overall numbers estimate the full data set.
+    allocation "proportional": stratum shares follow their sizes (largest remainders; a stratum left
+    with none gets one, from the largest), so overall numbers estimate the full data set.
     "equal": strata get the same count (smaller strata give what they have), so per-stratum numbers
     are equally precise. With fewer slots than strata, a seeded choice of strata gets one item each.
     """
@@ -126,17 +126,15 @@ def stratified_sample(items: list, key: Callable, limit: int | None, seed: int =
                 if left == 0:
                     break
     else:
-        quota = dict.fromkeys(names, 1)
-        remaining = limit - len(names)
-        spare = {g: len(groups[g]) - 1 for g in names}
-        total_spare = sum(spare.values())
-        shares = {g: remaining * spare[g] / total_spare if total_spare else 0.0 for g in names}
-        for g in names:
-            quota[g] += int(shares[g])
+        shares = {g: limit * len(groups[g]) / len(items) for g in names}
+        quota = {g: int(shares[g]) for g in names}
         left = limit - sum(quota.values())
-        by_remainder = sorted(names, key=lambda g: (-(shares[g] - int(shares[g])), str(g)))
-        for g in by_remainder[:left]:
+        for g in sorted(names, key=lambda g: (-(shares[g] - quota[g]), str(g)))[:left]:
             quota[g] += 1
+        for g in names:  # every stratum is represented: take one from the largest quota
+            if quota[g] == 0:
+                quota[max(names, key=lambda h: quota[h])] -= 1
+                quota[g] = 1
     rng = random.Random(seed)
     picked = []
     for g in names:
