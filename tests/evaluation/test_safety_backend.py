@@ -26,8 +26,8 @@ def test_loglik_matches_a_direct_forward(tiny):
     model, tok = tiny
     backend = HFBackend(model, tok, batch_size=3)
     assert isinstance(backend, ModelBackend)
-    reqs = [("The cat", " sat."), ("", "A whole sentence, unconditional."), ("x", " y"), ("Longer context here", " ok"),
-            ("", "Hi")]
+    reqs = [("The cat", " sat."), ("", "A whole sentence, unconditional."), ("x", " y"),
+            ("Longer context here", " ok"), ("", "Hi")]
     got = backend.loglik(reqs)
     bos = tok.bos_token_id
     expected = []
@@ -36,9 +36,10 @@ def test_loglik_matches_a_direct_forward(tiny):
         x = tok(cont, add_special_tokens=False)["input_ids"]
         expected.append((direct_loglik(model, [bos] + c + x, 1 + len(c)), len(x)))
     assert [n for _, n in got] == [n for _, n in expected] == [5, 32, 2, 3, 2]
-    assert_close(torch.tensor([s for s, _ in got]), torch.tensor([s for s, _ in expected]), *FP32_TOL, name="loglik")
+    got_t = torch.tensor([s for s, _ in got])
+    assert_close(got_t, torch.tensor([s for s, _ in expected]), *FP32_TOL, name="loglik")
     one = HFBackend(model, tok, batch_size=1).loglik(reqs)
-    assert_close(torch.tensor([s for s, _ in got]), torch.tensor([s for s, _ in one]), *FP32_TOL, name="batch 1 vs 3")
+    assert_close(got_t, torch.tensor([s for s, _ in one]), *FP32_TOL, name="batch 1 vs 3")
 
 
 def test_no_bos_scores_all_but_the_first_token(tiny):

@@ -9,7 +9,8 @@ HAVE_DATA = (REPO_ROOT.parent / "shared" / "data" / "bbq").exists()
 
 def item(i, condition, polarity, label, answers, stereotyped, category="Age"):
     """answers: three (text, tag) pairs."""
-    return {"example_id": i, "category": category, "context_condition": condition, "question_polarity": polarity,
+    return {"example_id": i, "category": category, "context_condition": condition,
+            "question_polarity": polarity,
             "label": label, "context": f"Context {i}.", "question": f"Question {i}?",
             **{f"ans{k}": a[0] for k, a in enumerate(answers)},
             "answer_info": {f"ans{k}": [a[0], a[1]] for k, a in enumerate(answers)},
@@ -34,7 +35,8 @@ def test_resolve_tags_of_several_categories():
     # Race with gendered tags; "African" must not match "African American"
     race = [("Not enough info", "unknown"), ("Latoya Jackson", "F-Black"), ("Amy Yu", "F-Asian")]
     assert bbq.resolve(item(0, "ambig", "nonneg", 0, race, ["Black", "African American"]))[0]["biased"] == 2
-    afr = [("The African man", "African"), ("The African American man", "M-African American"), ("Unknown", "unknown")]
+    afr = [("The African man", "African"), ("The African American man", "M-African American"),
+           ("Unknown", "unknown")]
     assert bbq.resolve(item(0, "ambig", "neg", 2, afr, ["African American"]))[0]["target"] == 1
     # Gender: "F" vs woman/women; SES: "low SES" vs "lowSES"; trans
     gen = [("The man", "man"), ("The woman", "woman"), ("Unknown", "unknown")]
@@ -52,7 +54,8 @@ def test_unresolvable_items_say_why():
         None, "both non-unknown options match stereotyped_groups")
     assert bbq.resolve(item(0, "ambig", "neg", 2, AGE, ["tall"]))[1] == "no option matches stereotyped_groups"
     no_unknown = [("A", "old"), ("B", "nonOld"), ("C", "nonOld")]
-    assert bbq.resolve(item(0, "ambig", "neg", 2, no_unknown, ["old"]))[1] == "0 options tagged 'unknown' (need exactly 1)"
+    why = bbq.resolve(item(0, "ambig", "neg", 2, no_unknown, ["old"]))[1]
+    assert why == "0 options tagged 'unknown' (need exactly 1)"
     items = [item(0, "ambig", "neg", 2, AGE, ["tall"]), item(1, "ambig", "neg", 2, AGE, ["old"])]
     chosen, unresolved = bbq.prepare(items)
     assert [x["example_id"] for x in chosen] == [1]

@@ -15,7 +15,8 @@ needs_data = pytest.mark.skipif(not HAVE_DATA, reason="../shared/data is not bes
 def test_parse_tasks():
     assert parse_tasks("safety") == ["bbq", "crows", "dialect", "bold"]
     assert parse_tasks("crows, bbq,crows") == ["crows", "bbq"]
-    with pytest.raises(LmsqueezeError, match="unknown safety task 'toxigen'; valid: bbq, crows, dialect, bold"):
+    valid = "valid: bbq, crows, dialect, bold"
+    with pytest.raises(LmsqueezeError, match=f"unknown safety task 'toxigen'; {valid}"):
         parse_tasks("toxigen")
 
 
@@ -72,7 +73,7 @@ def test_cli_writes_the_report(tmp_path, capsys):
 @needs_data
 def test_smollm2_small_limit():
     model = HFBackend(*models.load_model(models.SMOLLM2, dtype="bf16"), batch_size=8)
-    report = run_safety(model, tasks="safety", limit=12, resamples=200, max_new_tokens=12)
+    report = run_safety(model, tasks="safety", limit=6, resamples=200, max_new_tokens=8)
     t = report["tasks"]
     assert all("skipped" not in t[k] for k in ("bbq", "crows", "dialect", "bold"))
     assert t["bbq"]["n_unresolved"] == 0

@@ -12,16 +12,20 @@ log = logging.getLogger("lmsqueeze")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lmsqueeze.evaluation.safety",
-                                description="Representational bias (BBQ, CrowS-Pairs), dialect bias and harm in "
-                                            "generation (BOLD), with deltas against a base model and bootstrap intervals.")
+    p = argparse.ArgumentParser(
+        prog="python -m lmsqueeze.evaluation.safety",
+        description="Representational bias (BBQ, CrowS-Pairs), dialect bias and harm in generation (BOLD), "
+                    "with deltas against a base model and bootstrap intervals.")
     p.add_argument("--model", required=True, help="builtin name, local directory or Hugging Face id")
-    p.add_argument("--base", default=None, help="base model to compare with (deltas, and the fluency of continuations)")
-    p.add_argument("--tasks", default="safety", help="comma-separated: bbq, crows, dialect, bold, or the suite "
-                                                     "'safety' (all four; the default)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many items per task, drawn stratified "
-                                                           "(per category/group) with --seed")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the bootstrap (default 0)")
+    p.add_argument("--base", default=None,
+                   help="base model to compare with (deltas, and the fluency of continuations)")
+    p.add_argument("--tasks", default="safety",
+                   help="comma-separated: bbq, crows, dialect, bold, or the suite 'safety' "
+                        "(all four; the default)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most this many items per task, drawn stratified (per category/group) with --seed")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampling and of the bootstrap (default 0)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="length of BOLD continuations (default 32)")
     p.add_argument("--bbq-norm", default="char", choices=["char", "token", "sum"],
@@ -29,11 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dialect-files", default=None, metavar="AAE.txt,SAE.txt",
                    help="two text files, one per dialect, one sentence a line: their perplexity ratio too")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (default fp32)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="model dtype (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; on a busy shared machine 1 can be "
+                        "several times faster)")
     p.add_argument("--data-dir", default=None, help="directory holding the data sets")
     p.add_argument("--output", default=None, help="write the JSON report here")
-    p.add_argument("--no-items", action="store_true", help="leave the per-item results out of the JSON report")
+    p.add_argument("--no-items", action="store_true",
+                   help="leave the per-item results out of the JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the library decides")
     return p
@@ -43,24 +52,32 @@ def run(args) -> int:
     from lmsqueeze.evaluation.safety import HFBackend, render_markdown, run_safety
     from lmsqueeze.models import load_model
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LmsqueezeError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     files = None
     if args.dialect_files:
         files = tuple(f.strip() for f in args.dialect_files.split(","))
         if len(files) != 2 or not all(files):
-            raise LmsqueezeError(f"--dialect-files needs two comma-separated paths (AAE,SAE), got {args.dialect_files!r}")
+            raise LmsqueezeError(f"--dialect-files needs two comma-separated paths (AAE,SAE), "
+                                 f"got {args.dialect_files!r}")
     start = time.perf_counter()
-    model = HFBackend(*load_model(args.model, dtype=args.dtype, device=args.device), batch_size=args.batch_size,
-                      desc=" model")
-    base = None
-    if args.base:
-        base = HFBackend(*load_model(args.base, dtype=args.dtype, device=args.device), batch_size=args.batch_size,
-                         desc=" base")
-    report = run_safety(model, base, tasks=args.tasks, limit=args.limit, seed=args.seed, resamples=args.resamples,
-                        data_dir=args.data_dir, max_new_tokens=args.max_new_tokens, bbq_norm=args.bbq_norm,
-                        dialect_files=files, include_items=not args.no_items)
+    def backend(name, desc):
+        model, tok = load_model(name, dtype=args.dtype, device=args.device)
+        return HFBackend(model, tok, batch_size=args.batch_size, desc=desc)
+
+    model = backend(args.model, " model")
+    base = backend(args.base, " base") if args.base else None
+    report = run_safety(model, base, tasks=args.tasks, limit=args.limit, seed=args.seed,
+                        resamples=args.resamples, data_dir=args.data_dir, max_new_tokens=args.max_new_tokens,
+                        bbq_norm=args.bbq_norm, dialect_files=files, include_items=not args.no_items)
     report["model"], report["base"], report["dtype"] = args.model, args.base, args.dtype
     report["seconds"] = round(time.perf_counter() - start, 1)
-    print(f"model: {args.model}" + (f"   base: {args.base}" if args.base else "") + f"   ({report['seconds']} s)\n")
+    base_note = f"   base: {args.base}" if args.base else ""
+    print(f"model: {args.model}{base_note}   ({report['seconds']} s)\n")
     print(render_markdown(report))
     if args.output:
         from lmsqueeze.io import write_json_atomic

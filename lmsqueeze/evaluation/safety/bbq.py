@@ -36,7 +36,8 @@ from lmsqueeze.evaluation.safety.stats import estimate, stratified_sample
 
 TEMPLATE = "{context}\nQuestion: {question}\nAnswer:"
 NORMS = ("char", "token", "sum")
-_GENDER = {"man": "m", "men": "m", "boy": "m", "boys": "m", "woman": "f", "women": "f", "girl": "f", "girls": "f"}
+_GENDER = {"man": "m", "men": "m", "boy": "m", "boys": "m",
+           "woman": "f", "women": "f", "girl": "f", "girls": "f"}
 
 
 def _norm(text: str) -> str:
@@ -101,8 +102,8 @@ def prepare(items: list[dict], limit: int | None = None, seed: int = 0) -> tuple
 
 
 def requests(items: list[dict]) -> list[tuple[str, str]]:
-    return [(TEMPLATE.format(context=it["context"].strip(), question=it["question"].strip()), " " + it[f"ans{k}"].strip())
-            for it in items for k in range(3)]
+    return [(TEMPLATE.format(context=it["context"].strip(), question=it["question"].strip()),
+             " " + it[f"ans{k}"].strip()) for it in items for k in range(3)]
 
 
 def score(backend, items: list[dict], norm: str = "char") -> list[dict]:
@@ -123,7 +124,8 @@ def score(backend, items: list[dict], norm: str = "char") -> list[dict]:
             scores = [s / len(t) for (s, _), t in zip(opts, texts)]
         pred = int(np.argmax(scores))
         out.append({"example_id": it.get("example_id"), "category": it["category"],
-                    "context_condition": it["context_condition"], "question_polarity": it["question_polarity"],
+                    "context_condition": it["context_condition"],
+                    "question_polarity": it["question_polarity"],
                     "label": it["label"], "biased": it["_biased"], "unknown": it["_unknown"], "pred": pred,
                     "loglik": [s for s, _ in opts], "tokens": [n for _, n in opts]})
     return out

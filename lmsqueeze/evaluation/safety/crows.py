@@ -48,7 +48,8 @@ METRICS = {"stereo_share": mean_of("more_preferred"), "ll_gap": mean_of("gap"),
            "ll_gap_per_token": mean_of("gap_per_token")}
 
 
-def summarize(results: list[dict], base: list[dict] | None = None, resamples: int = 1000, seed: int = 0) -> dict:
+def summarize(results: list[dict], base: list[dict] | None = None, resamples: int = 1000,
+              seed: int = 0) -> dict:
     def block(idx):
         cols = columns([results[i] for i in idx])
         base_cols = columns([base[i] for i in idx]) if base is not None else None

@@ -44,8 +44,9 @@ def crows_pairs(data_dir=None) -> list[dict]:
     need = {"sent_more", "sent_less", "stereo_antistereo", "bias_type"}
     if rows and not need <= rows[0].keys():
         raise LmsqueezeError(f"{path}: expected columns {sorted(need)}, found {sorted(rows[0])}")
-    return [{"index": int(r[""]) if r.get("") else i, "sent_more": r["sent_more"], "sent_less": r["sent_less"],
-             "stereo_antistereo": r["stereo_antistereo"], "bias_type": r["bias_type"]} for i, r in enumerate(rows)]
+    return [{"index": int(r[""]) if r.get("") else i, "sent_more": r["sent_more"],
+             "sent_less": r["sent_less"], "stereo_antistereo": r["stereo_antistereo"],
+             "bias_type": r["bias_type"]} for i, r in enumerate(rows)]
 
 
 def dialect_pairs(data_dir=None) -> list[dict]:

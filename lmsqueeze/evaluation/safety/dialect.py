@@ -34,7 +34,8 @@ def columns(results: list[dict]) -> dict:
          for k in ("nll_aae", "tokens_aae", "nll_sae", "tokens_sae")}
     gap = c["nll_aae"] / c["tokens_aae"] - c["nll_sae"] / c["tokens_sae"]
     total = c["nll_aae"] - c["nll_sae"]
-    return {**c, "gap": gap, "aae_less": (gap > 0) + 0.5 * (gap == 0), "aae_less_total": (total > 0) + 0.5 * (total == 0)}
+    return {**c, "gap": gap, "aae_less": (gap > 0) + 0.5 * (gap == 0),
+            "aae_less_total": (total > 0) + 0.5 * (total == 0)}
 
 
 def ppl_ratio(c):
@@ -46,11 +47,12 @@ METRICS = {"nll_gap": mean_of("gap"), "share_aae_less_likely": mean_of("aae_less
            "share_aae_less_likely_total": mean_of("aae_less_total"), "ppl_ratio": ppl_ratio}
 
 
-def summarize(results: list[dict], base: list[dict] | None = None, resamples: int = 1000, seed: int = 0) -> dict:
+def summarize(results: list[dict], base: list[dict] | None = None, resamples: int = 1000,
+              seed: int = 0) -> dict:
     cols = columns(results)
     base_cols = columns(base) if base is not None else None
-    return {"metrics": {name: estimate(fn, cols, base_cols, None, resamples, seed) for name, fn in METRICS.items()},
-            "n_items": len(results)}
+    metrics = {name: estimate(fn, cols, base_cols, None, resamples, seed) for name, fn in METRICS.items()}
+    return {"metrics": metrics, "n_items": len(results)}
 
 
 # ---- two user-supplied files ----------------------------------------------------------------------------
@@ -65,7 +67,8 @@ def _file_columns(results):
     aae = np.array([x["dialect"] == "aae" for x in results], dtype=np.float64)
     nll = np.array([x["nll"] for x in results])
     tok = np.array([x["tokens"] for x in results], dtype=np.float64)
-    return {"nll_aae": nll * aae, "tokens_aae": tok * aae, "nll_sae": nll * (1 - aae), "tokens_sae": tok * (1 - aae)}
+    return {"nll_aae": nll * aae, "tokens_aae": tok * aae,
+            "nll_sae": nll * (1 - aae), "tokens_sae": tok * (1 - aae)}
 
 
 def summarize_files(results: list[dict], base: list[dict] | None = None, resamples: int = 1000,

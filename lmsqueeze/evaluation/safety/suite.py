@@ -67,10 +67,11 @@ def run_safety(model, base=None, tasks=TASKS, limit: int | dict | None = None, s
     for t in tasks:
         _limit_for(limit, t)
     stats = dict(resamples=resamples, seed=seed)
-    report = {"settings": {"tasks": tasks, "limit": limit, "seed": seed, "resamples": resamples,
-                           "max_new_tokens": max_new_tokens, "bbq_norm": bbq_norm, "compared_with_base": base is not None,
-                           "interval": "95% percentile bootstrap over items; deltas paired by item"},
-              "tasks": {}}
+    settings = {"tasks": tasks, "limit": limit, "seed": seed, "resamples": resamples,
+                "max_new_tokens": max_new_tokens, "bbq_norm": bbq_norm,
+                "compared_with_base": base is not None,
+                "interval": "95% percentile bootstrap over items; deltas paired by item"}
+    report = {"settings": settings, "tasks": {}}
 
     def both(fn, *args, **kwargs):
         res = fn(model, *args, **kwargs)
@@ -102,8 +103,8 @@ def run_safety(model, base=None, tasks=TASKS, limit: int | dict | None = None, s
                 prompts = harm.prepare(data.bold_prompts(data_dir), n, seed)
                 res = harm.score(model, prompts, scorers, max_new_tokens, fluency_backend=base)
                 base_res = harm.score(base, prompts, scorers, max_new_tokens) if base is not None else None
-                out = harm.summarize(res, base_res, fluency_under="base model" if base is not None else "model itself",
-                                     **stats)
+                under = "base model" if base is not None else "model itself"
+                out = harm.summarize(res, base_res, fluency_under=under, **stats)
         except LmsqueezeError as exc:
             log.warning("%s skipped: %s", task, exc)
             report["tasks"][task] = {"skipped": str(exc)}
@@ -156,8 +157,8 @@ def render_markdown(report: dict) -> str:
         lines += _rows(task, out["metrics"], with_base)
         if task == "bbq":
             for cat, b in out["by_category"].items():
-                lines += _rows(f"bbq/{cat}", {k: b["metrics"][k] for k in ("acc_ambig", "acc_disambig", "s_amb", "s_dis")},
-                               with_base)
+                shown = ("acc_ambig", "acc_disambig", "s_amb", "s_dis")
+                lines += _rows(f"bbq/{cat}", {k: b["metrics"][k] for k in shown}, with_base)
             if out["n_unresolved"]:
                 notes.append(f"bbq: {out['n_unresolved']} items could not be resolved and were left out: "
                              f"{out['unresolved']}")
@@ -174,6 +175,7 @@ def render_markdown(report: dict) -> str:
                                                                              "fluency_ppl")}, with_base)
                 lines += _rows(f"bold/{dom} group gap", {k: b["group_gap"][k] for k in ("negative_rate",)
                                                          if k in b["group_gap"]}, with_base)
-            notes.append(f"bold: fluency_ppl is the continuations' perplexity under the {out['fluency_under']}")
+            notes.append("bold: fluency_ppl is the continuations' perplexity under the "
+                         + out["fluency_under"])
         notes.append(f"{task}: {out.get('n_items', '')} items in {out['seconds']} s")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
