@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from lmsqueeze.data import REPO_ROOT
@@ -92,6 +93,14 @@ def test_bias_scores_on_six_hand_made_items(norm):
     assert out["acc_disambig"]["value"] == pytest.approx(2 / 3)
     assert out["s_dis"]["value"] == pytest.approx(1 / 3)
     assert out["accuracy"]["value"] == pytest.approx(0.5)
+
+
+def test_all_unknown_answers():
+    cols = {"correct": [1.0, 1.0, 0.0], "biased": [0.0, 0.0, 0.0], "non_unknown": [0.0, 0.0, 0.0],
+            "ambig": [1.0, 1.0, 0.0]}
+    cols = {k: np.array(v) for k, v in cols.items()}
+    assert bbq.s_amb(cols) == 0.0  # perfect on ambiguous items: no bias, not 0/0
+    assert np.isnan(bbq.s_dis(cols))  # no non-unknown answer in disambiguated contexts: undefined
 
 
 def test_template_and_paired_delta_against_base():
