@@ -1,8 +1,12 @@
 import builtins
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 
+from lmsqueeze.data import REPO_ROOT
 from lmsqueeze.evaluation.safety import harm, run_safety
 from tests.evaluation.safety_fakes import ScriptedBackend
 
@@ -12,8 +16,22 @@ def scorers():
     return harm.Scorers()  # offline: both models ship inside their wheels
 
 
-def test_scorers_load_offline_and_separate_known_strings(scorers, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_scorers_load_with_the_network_blocked():
+    # a fresh interpreter in which any connection attempt fails: both scorers must load and score
+    code = ("import socket\n"
+            "def refuse(*a, **k): raise OSError('network blocked by the test')\n"
+            "socket.socket.connect = refuse\n"
+            "socket.create_connection = refuse\n"
+            "from lmsqueeze.evaluation.safety.harm import Scorers\n"
+            "s = Scorers()\n"
+            "print(s.offensive(['You stupid idiot.'])[0] > 0.5, s.sentiment(['I love it.'])[0] > 0)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", "True"]
+
+
+def test_scorers_separate_known_strings(scorers):
     off = scorers.offensive(["Fuck you, you dumb bitch.", "What a stupid, worthless idiot.",
                              "I hate black people.",
                              "The museum opens on Tuesdays.", "He plays the violin in an orchestra.",

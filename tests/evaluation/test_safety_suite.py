@@ -6,7 +6,7 @@ from lmsqueeze import models
 from lmsqueeze.data import REPO_ROOT
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.evaluation.safety import HFBackend, parse_tasks, render_markdown, run_safety
-from lmsqueeze.evaluation.safety.__main__ import main
+from lmsqueeze.evaluation.safety.__main__ import main, parse_limit
 
 HAVE_DATA = (REPO_ROOT.parent / "shared" / "data" / "bbq").exists()
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason="../shared/data is not beside the repository")
@@ -20,7 +20,16 @@ def test_parse_tasks():
         parse_tasks("toxigen")
 
 
+def test_parse_limit():
+    assert parse_limit(None) is None and parse_limit("24") == 24
+    assert parse_limit("bbq=48, bold=86") == {"bbq": 48, "bold": 86}
+    with pytest.raises(LmsqueezeError, match="expected a number or TASK=N pairs"):
+        parse_limit("bbq=lots")
+
+
 def test_options_are_checked_before_any_work(tmp_path):
+    with pytest.raises(LmsqueezeError, match=r"limit given for unknown tasks \['toxigen'\]"):
+        run_safety(None, limit={"toxigen": 3})
     with pytest.raises(LmsqueezeError, match="unknown BBQ normalisation 'mean'"):
         run_safety(None, bbq_norm="mean")
     with pytest.raises(LmsqueezeError, match="limit for crows must be >= 1"):
@@ -67,6 +76,8 @@ def test_cli_writes_the_report(tmp_path, capsys):
     assert "| crows | stereo_share |" in capsys.readouterr().out
     assert main(["--model", "tiny-gpt2", "--tasks", "nope"]) == 2
     assert "unknown safety task 'nope'" in capsys.readouterr().err
+    assert main(["--model", "no/such/model/dir", "--suite", "safety"]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.slow

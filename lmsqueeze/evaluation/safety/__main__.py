@@ -19,11 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="builtin name, local directory or Hugging Face id")
     p.add_argument("--base", default=None,
                    help="base model to compare with (deltas, and the fluency of continuations)")
-    p.add_argument("--tasks", default="safety",
-                   help="comma-separated: bbq, crows, dialect, bold, or the suite 'safety' "
-                        "(all four; the default)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="at most this many items per task, drawn stratified (per category/group) with --seed")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated: bbq, crows, dialect, bold (default: the safety suite)")
+    p.add_argument("--suite", default=None, choices=["safety"],
+                   help="a named set of tasks: safety = bbq, crows, dialect, bold (added to --tasks)")
+    p.add_argument("--limit", default=None, metavar="N or TASK=N,...",
+                   help="at most this many items per task, drawn stratified (per category/group) with --seed; "
+                        "one number for every task or per task, e.g. bbq=48,bold=86")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the sampling and of the bootstrap (default 0)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -48,10 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_limit(spec: str | None) -> int | dict | None:
+    """'24' -> 24; 'bbq=48,bold=86' -> {'bbq': 48, 'bold': 86}; None -> None."""
+    if spec is None:
+        return None
+    try:
+        if "=" not in spec:
+            return int(spec)
+        out = {}
+        for part in (p.strip() for p in spec.split(",") if p.strip()):
+            task, _, n = part.partition("=")
+            out[task.strip()] = int(n)
+        return out
+    except ValueError:
+        raise LmsqueezeError(f"--limit {spec!r}: expected a number or TASK=N pairs, e.g. bbq=48,bold=86") from None
+
+
 def run(args) -> int:
-    from lmsqueeze.evaluation.safety import HFBackend, render_markdown, run_safety
+    from lmsqueeze.evaluation.safety import HFBackend, parse_tasks, render_markdown, run_safety
     from lmsqueeze.models import load_model
 
+    tasks = parse_tasks(",".join(t for t in (args.tasks, args.suite) if t) or "safety")  # fail before loading
+    limit = parse_limit(args.limit)
     if args.threads is not None:
         if args.threads < 1:
             raise LmsqueezeError(f"--threads must be >= 1, got {args.threads}")
@@ -65,13 +85,14 @@ def run(args) -> int:
             raise LmsqueezeError(f"--dialect-files needs two comma-separated paths (AAE,SAE), "
                                  f"got {args.dialect_files!r}")
     start = time.perf_counter()
+
     def backend(name, desc):
         model, tok = load_model(name, dtype=args.dtype, device=args.device)
         return HFBackend(model, tok, batch_size=args.batch_size, desc=desc)
 
     model = backend(args.model, " model")
     base = backend(args.base, " base") if args.base else None
-    report = run_safety(model, base, tasks=args.tasks, limit=args.limit, seed=args.seed,
+    report = run_safety(model, base, tasks=tasks, limit=limit, seed=args.seed,
                         resamples=args.resamples, data_dir=args.data_dir, max_new_tokens=args.max_new_tokens,
                         bbq_norm=args.bbq_norm, dialect_files=files, include_items=not args.no_items)
     report["model"], report["base"], report["dtype"] = args.model, args.base, args.dtype

@@ -64,6 +64,10 @@ def run_safety(model, base=None, tasks=TASKS, limit: int | dict | None = None, s
         if len(dialect_files) != 2:
             raise LmsqueezeError(f"dialect files: expected two (AAE, SAE), got {len(dialect_files)}")
         file_lines = [data.text_lines(p) for p in dialect_files]
+    if isinstance(limit, dict):
+        unknown = sorted(set(limit) - set(TASKS))
+        if unknown:
+            raise LmsqueezeError(f"limit given for unknown tasks {unknown}; valid: {', '.join(TASKS)}")
     for t in tasks:
         _limit_for(limit, t)
     stats = dict(resamples=resamples, seed=seed)
