@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default=None, choices=["safety"],
                    help="a named set of tasks: safety = bbq, crows, dialect, bold (added to --tasks)")
     p.add_argument("--limit", default=None, metavar="N or TASK=N,...",
-                   help="at most this many items per task, drawn stratified (per category/group) with --seed; "
-                        "one number for every task or per task, e.g. bbq=48,bold=86")
+                   help="at most this many items per task, drawn stratified (per category/group) with "
+                        "--seed; one number for every task or per task, e.g. bbq=48,bold=86")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the sampling and of the bootstrap (default 0)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -63,7 +63,8 @@ def parse_limit(spec: str | None) -> int | dict | None:
             out[task.strip()] = int(n)
         return out
     except ValueError:
-        raise LmsqueezeError(f"--limit {spec!r}: expected a number or TASK=N pairs, e.g. bbq=48,bold=86") from None
+        raise LmsqueezeError(f"--limit {spec!r}: expected a number or TASK=N pairs, "
+                             f"e.g. bbq=48,bold=86") from None
 
 
 def run(args) -> int:
