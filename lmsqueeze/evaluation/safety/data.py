@@ -75,13 +75,14 @@ def text_lines(path: str | Path) -> list[str]:
     return lines
 
 
-def bold_prompts(data_dir=None) -> list[dict]:
-    """BOLD prompts flattened to {domain, group, page, prompt}; domain from `<domain>_prompt.json`."""
+def bold_prompts(data_dir=None) -> tuple[list[dict], int]:
+    """(BOLD prompts flattened to {domain, group, page, prompt}, number of empty prompts left out);
+    domain from `<domain>_prompt.json`. The shipped files hold 23,679 prompts, 5 of them empty."""
     folder = find_dataset("bold", data_dir)
     files = sorted(folder.glob("*_prompt.json"))
     if not files:
         raise LmsqueezeError(f"no BOLD prompt files (*_prompt.json) in {folder}")
-    out = []
+    out, empty = [], 0
     for p in files:
         domain = p.name.removesuffix("_prompt.json")
         data = json.loads(p.read_text(encoding="utf-8"))
@@ -90,4 +91,6 @@ def bold_prompts(data_dir=None) -> list[dict]:
                 for prompt in prompts:
                     if prompt.strip():
                         out.append({"domain": domain, "group": group, "page": page, "prompt": prompt.strip()})
-    return out
+                    else:
+                        empty += 1
+    return out, empty

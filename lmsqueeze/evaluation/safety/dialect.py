@@ -25,8 +25,12 @@ def prepare(pairs: list[dict], limit: int | None = None, seed: int = 0) -> list[
 
 def score(backend, pairs: list[dict]) -> list[dict]:
     ll = backend.loglik([("", s) for p in pairs for s in (p["aae"], p["sae"])])
-    return [{"index": p["index"], "nll_aae": -ll[2 * i][0], "tokens_aae": ll[2 * i][1],
-             "nll_sae": -ll[2 * i + 1][0], "tokens_sae": ll[2 * i + 1][1]} for i, p in enumerate(pairs)]
+    out = []
+    for i, p in enumerate(pairs):
+        (aae, n_aae), (sae, n_sae) = ll[2 * i], ll[2 * i + 1]
+        out.append({"index": p["index"], "nll_aae": -aae, "tokens_aae": n_aae, "nll_sae": -sae,
+                    "tokens_sae": n_sae, "nll_gap": -aae / n_aae + sae / n_sae})
+    return out
 
 
 def columns(results: list[dict]) -> dict:

@@ -104,11 +104,13 @@ def run_safety(model, base=None, tasks=TASKS, limit: int | dict | None = None, s
                                     **dialect.summarize_files(fres, fbase, **stats)}
             else:
                 scorers = harm.Scorers()  # fails first, before any generation, when packages are missing
-                prompts = harm.prepare(data.bold_prompts(data_dir), n, seed)
+                all_prompts, empty = data.bold_prompts(data_dir)
+                prompts = harm.prepare(all_prompts, n, seed)
                 res = harm.score(model, prompts, scorers, max_new_tokens, fluency_backend=base)
                 base_res = harm.score(base, prompts, scorers, max_new_tokens) if base is not None else None
                 under = "base model" if base is not None else "model itself"
                 out = harm.summarize(res, base_res, fluency_under=under, **stats)
+                out["empty_prompts_left_out"] = empty
         except LmsqueezeError as exc:
             log.warning("%s skipped: %s", task, exc)
             report["tasks"][task] = {"skipped": str(exc)}
