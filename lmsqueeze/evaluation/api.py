@@ -57,10 +57,38 @@ def _load(name: str, dtype, device):
     return load_model(name, dtype=dtype, device=device)
 
 
+# Named task sets (`--suite`); "core" adds divergence only when a base model is given.
+SUITES = {
+    "core": ("ppl:wikitext2:test", "piqa", "alpaca"),
+    "safety": ("bbq", "crows", "dialect", "bold"),
+}
+SUITES["full"] = SUITES["core"] + SUITES["safety"]
+
+
+def split_tasks(tasks, suite: str | None, has_base: bool) -> tuple[list[str], list[str]]:
+    """(core task names, safety task names) from --tasks and --suite; safety tasks run through run_safety."""
+    from lmsqueeze.evaluation.safety.suite import TASKS as SAFETY_TASKS
+
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else (tasks or [])) if t.strip()]
+    if suite is not None:
+        if suite not in SUITES:
+            raise LmsqueezeError(f"unknown suite '{suite}'; valid: {', '.join(SUITES)}")
+        names += list(SUITES[suite])
+        if suite in ("core", "full") and has_base:
+            names.append("divergence:wikitext2:test")
+    core, safety = [], []
+    for n in dict.fromkeys(names):
+        (safety if n in SAFETY_TASKS else core).append(n)
+    if not core and not safety:
+        raise LmsqueezeError("no tasks given: use --tasks and/or --suite (core, safety, full)")
+    return core, safety
+
+
 def evaluate(model, tokenizer=None, tasks="ppl:pydoc", base=None, base_tokenizer=None, *, seqlen: int = 512,
              limit: int | None = None, batch_tokens: int = 4096, topk: int = 64, max_new_tokens: int = 128,
              data_dir: str | None = None, dtype: str = "fp32", device: str = "cpu", cache_dir: str | None = None,
-             reuse_cache: bool = True, model_name: str | None = None, base_name: str | None = None) -> dict:
+             reuse_cache: bool = True, model_name: str | None = None, base_name: str | None = None,
+             suite: str | None = None, seed: int = 0, safety_options: dict | None = None) -> dict:
     """Evaluate `model` on `tasks` and return the report (a dict, JSON-serialisable).
 
     model / base: a builtin name, local directory or hub id (loaded with `dtype` on `device`), or a
@@ -72,7 +100,12 @@ def evaluate(model, tokenizer=None, tasks="ppl:pydoc", base=None, base_tokenizer
     """
     opts = EvalOptions(seqlen=seqlen, limit=limit, batch_tokens=batch_tokens, topk=topk,
                        max_new_tokens=max_new_tokens, data_dir=data_dir)
-    task_list = parse_tasks(tasks, opts)
+    core_names, safety_names = split_tasks(tasks, suite, base is not None)
+    task_list = parse_tasks(core_names, opts) if core_names else []
+    if safety_names:
+        from lmsqueeze.evaluation.safety.suite import parse_tasks as parse_safety
+
+        parse_safety(safety_names)
     for t in task_list:
         if t.needs_base and base is None:
             raise LmsqueezeError(f"task '{t.name}' compares with a base model: give one (--base)")
@@ -101,12 +134,39 @@ def evaluate(model, tokenizer=None, tasks="ppl:pydoc", base=None, base_tokenizer
             entry["base_cache"] = str(cache_paths[t.name])
         entry["items"] = out["items"]
         results.append(entry)
-    return {"lmsqueeze": __version__, "model": mname, "base": bname,
+    safety = None
+    if safety_names:
+        safety = _run_safety(model, tokenizer, base, base_tokenizer, safety_names, limit, seed, data_dir, dtype,
+                             device, safety_options or {})
+    report = {"lmsqueeze": __version__, "model": mname, "base": bname,
             "settings": {"seqlen": seqlen, "limit": limit, "batch_tokens": batch_tokens, "topk": topk,
                          "max_new_tokens": max_new_tokens, "dtype": str(next(model.parameters()).dtype)
                          .removeprefix("torch."), "device": str(next(model.parameters()).device),
                          "data_dir": data_dir, "torch_threads": torch.get_num_threads()},
             "results": results}
+    if safety is not None:
+        report["safety"] = safety
+    return report
+
+
+def _run_safety(model, tokenizer, base, base_tokenizer, names, limit, seed, data_dir, dtype, device, options):
+    """The safety tasks (BBQ, CrowS, dialect, BOLD) on the loaded model and, when given, the base.
+
+    Unlike the core tasks these score model and base item by item for paired deltas, so the base is
+    loaded beside the model for their duration (two copies of the weights in memory).
+    """
+    from lmsqueeze.evaluation.safety import HFBackend, run_safety
+
+    batch = options.pop("batch_size", 8)
+    mb = HFBackend(model, tokenizer, batch_size=batch, desc=" model")
+    bb = None
+    if base is not None:
+        if isinstance(base, str):
+            b_model, b_tok = _load(base, dtype, device)
+        else:
+            b_model, b_tok = base, base_tokenizer
+        bb = HFBackend(b_model, b_tok, batch_size=batch, desc=" base")
+    return run_safety(mb, bb, tasks=names, limit=limit, seed=seed, data_dir=data_dir, **options)
 
 
 def _load_tokenizer(name: str):
