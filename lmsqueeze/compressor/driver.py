@@ -47,7 +47,7 @@ class ModuleRecord:
     shape: list[int]                # [out, in]
     sparsity: float | None          # fraction pruned by the mask (None: nothing pruned)
     zeros: float                    # fraction of stored weights that are exactly 0
-    recon_error: float | None       # sum ||(W - W') x||^2 / sum ||W x||^2 over the calibration tokens
+    recon_error: float | None       # sum ||(W - W') x||^2 / sum ||W x||^2 over the measured calibration tokens
     loss: float | None = None       # OBS loss estimate (sparsegpt, gptq)
     percdamp: float | None = None   # damping used (after any retry)
     dead: int = 0                   # inputs never active in calibration
@@ -242,14 +242,17 @@ class _Clock:
 
 @torch.no_grad()
 def compress(model, config, calibration=None, *, device: str | torch.device | None = None, batch_size: int = 8,
-             measure_error: bool = True, calibration_info: dict | None = None) -> CompressionReport:
+             measure_error: bool = True, error_samples: int | None = 8,
+             calibration_info: dict | None = None) -> CompressionReport:
     """Compress `model` in place with `config`; returns a CompressionReport.
 
     calibration: a [nsamples, seqlen] token tensor, or a dict with input_ids and attention_mask (0 = padding);
     may be None for data-free methods (magnitude, rtn) with measure_error=False.
     device: where each layer is computed (None: where the layers are); the model itself stays put.
     batch_size: calibration samples per forward pass (bounds activation memory).
-    measure_error: run the propagate forward to measure each module's relative output error.
+    measure_error: measure each module's relative output error during the propagate forward, on the
+        first `error_samples` calibration samples (None: all). It costs one extra GEMM per module and
+        sample, so by default it looks at 8 samples (one batch); every method is measured on the same ones.
     """
     check_causal_lm(model)
     if batch_size < 1:
@@ -321,7 +324,7 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
             clock.t["solve"] += clock.now() - t0
             if batches:
                 bar.set_postfix_str(f"layer {i}: propagate")
-                errors = _propagate(layer, mods, originals, batches, kw_i, clock, measure_error)
+                errors = _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, error_samples)
                 for rec in report.modules[-len(mods):] if mods else []:
                     rec.recon_error = errors.get(rec.name)
                 if errors:
@@ -484,19 +487,21 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.dtype == b.dtype and a.device == b.device)
 
 
-def _propagate(layer, mods, originals, batches, kw_i, clock, measure_error) -> dict[str, float]:
+def _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, error_samples) -> dict[str, float]:
     """Replace each batch's hidden states by the compressed layer's outputs; measure the output errors.
 
     error(module) = sum ||(W - W') x||^2 / sum ||W x||^2 over valid tokens, x the module's inputs here.
     """
     num = defaultdict(float)
     den = defaultdict(float)
-    current = {"mask": None}
+    current = {"mask": None, "on": False}
     deltas = {name: (originals[name] - weight_of(mod)).to(weight_of(mod).dtype) for name, mod in mods.items()
               if name in originals}
 
     def make_hook(name, mod):
         def hook(module, inputs, output):
+            if not current["on"]:
+                return
             t0 = clock.now()
             x = inputs[0]
             m = _token_mask(x, current["mask"], name)
@@ -519,8 +524,11 @@ def _propagate(layer, mods, originals, batches, kw_i, clock, measure_error) -> d
     t_start = clock.now()
     err_before = clock.t["error"]
     try:
+        seen = 0
         for batch, kw in zip(batches, kw_i):
             current["mask"] = batch["mask"]
+            current["on"] = error_samples is None or seen < error_samples
+            seen += batch["h"].shape[0]
             batch["h"] = _layer_forward(layer, batch, kw)
     finally:
         for h in handles:

@@ -49,14 +49,14 @@ def magnitude(W: torch.Tensor, cfg) -> LayerResult:
     W = W.float()
     cfg.check_width(W.shape[1], "this layer")
     keep = _keep_from_scores(W.abs(), cfg, per_row=cfg.scope == "row")
-    return LayerResult(W * keep, keep)
+    return LayerResult(W.masked_fill(~keep, 0.0), keep)
 
 
 def wanda(W: torch.Tensor, col_sq_norm: torch.Tensor, cfg) -> LayerResult:
     W = W.float()
     cfg.check_width(W.shape[1], "this layer")
     keep = _keep_from_scores(wanda_scores(W, col_sq_norm), cfg, per_row=True)
-    return LayerResult(W * keep, keep)
+    return LayerResult(W.masked_fill(~keep, 0.0), keep)
 
 
 def rtn(W: torch.Tensor, cfg) -> LayerResult:

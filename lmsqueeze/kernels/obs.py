@@ -26,6 +26,7 @@ The grid (find_params / quantize / quantize_rtn) lives here too, so RTN and GPTQ
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,19 @@ def quantize_rtn(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return out
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """The in-block column steps are a few small ops on [rows, <= blocksize] tensors: splitting them over
+    threads costs more in synchronisation than it saves. Measured on the 2-core dev box (shared), one
+    [1536, 576] unstructured sweep: 0.7 s with 1 thread, 3.5-8.9 s with 2. The trailing GEMM keeps all."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 # ---- the sweep ---------------------------------------------------------------------------------------
 
 def _check(W, Hinv, blocksize, prune, quant):
@@ -174,25 +188,26 @@ def obs_update_ref(W: torch.Tensor, Hinv: torch.Tensor, *, blocksize: int = 128,
                 mask1[idx] = False
                 mask[:, i1:i2] = mask1.view_as(tmp)
                 count += k
-        for i in range(i2 - i1):
-            w = W1[:, i].clone()
-            d = Hinv1[i, i]
-            if prune is not None and prune.nm and i % prune.m == 0:
-                tmp = W1[:, i:i + prune.m] ** 2 / torch.diag(Hinv1)[i:i + prune.m][None, :] ** 2
-                drop = torch.sort(tmp, dim=1, stable=True).indices[:, :prune.m - prune.n]
-                mask[:, i1 + i:i1 + i + prune.m].scatter_(1, drop, False)
-            q = w.clone()
-            if quant is not None:
-                if quant.group_size != -1 and (i1 + i) % quant.group_size == 0:
-                    scale, zero = find_params(W[:, i1 + i:i1 + i + quant.group_size], quant)
-                q = quantize(q[:, None], scale, zero, quant.maxq)[:, 0]
-            if prune is not None:
-                q[~mask[:, i1 + i]] = 0
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d ** 2 / 2
-            err1 = (w - q) / d
-            W1[:, i:] -= err1[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err1
+        with _one_thread():  # column steps: small ops, see _one_thread
+            for i in range(i2 - i1):
+                w = W1[:, i].clone()
+                d = Hinv1[i, i]
+                if prune is not None and prune.nm and i % prune.m == 0:
+                    tmp = W1[:, i:i + prune.m] ** 2 / torch.diag(Hinv1)[i:i + prune.m][None, :] ** 2
+                    drop = torch.sort(tmp, dim=1, stable=True).indices[:, :prune.m - prune.n]
+                    mask[:, i1 + i:i1 + i + prune.m].scatter_(1, drop, False)
+                q = w.clone()
+                if quant is not None:
+                    if quant.group_size != -1 and (i1 + i) % quant.group_size == 0:
+                        scale, zero = find_params(W[:, i1 + i:i1 + i + quant.group_size], quant)
+                    q = quantize(q[:, None], scale, zero, quant.maxq)[:, 0]
+                if prune is not None:
+                    q[~mask[:, i1 + i]] = 0
+                Q1[:, i] = q
+                Losses1[:, i] = (w - q) ** 2 / d ** 2 / 2
+                err1 = (w - q) / d
+                W1[:, i:] -= err1[:, None] * Hinv1[i, i:][None, :]
+                Err1[:, i] = err1
         W[:, i1:i2] = Q1
         Losses += Losses1.sum(dim=1)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
