@@ -195,8 +195,15 @@ def main():
     p.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(CONFIGS)}")
     p.add_argument("--tmp-dir", default=None, help="where checkpoints are written (and deleted)")
     p.add_argument("--output", default=None, help="JSON path (default bench/results/compress-<time>.json)")
+    p.add_argument("--merge", nargs="+", default=None, help="print the tables of earlier JSON results (merged)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.merge:
+        merged = {}
+        for path in args.merge:
+            merged.update(json.loads(Path(path).read_text())["results"])
+        print(tables({n: merged[n] for n in CONFIGS if n in merged}))
+        return
     if args.threads is None:
         import torch
 

@@ -33,7 +33,7 @@ def test_wanda_one_row_by_hand():
     col_sq = torch.tensor([1.0, 0.01, 1.0, 0.01, 16.0, 1.0, 0.0001, 1.0])
     res = wanda(W, col_sq, WandaConfig(sparsity=0.5))
     assert res.W.tolist() == [[0.0, 0.0, 3.0, 0.0, 0.5, 6.0, 0.0, 8.0]]
-    # 2:4 groups (1, .2, 3, .4) keep 3 and -4... no: keep the two largest scores: 1 and 3; (2, 6, .07, 8): 6 and 8
+    # 2:4: each group of 4 keeps its two largest scores: (1, .2, 3, .4) -> 1 and 3; (2, 6, .07, 8) -> 6 and 8
     res = wanda(W, col_sq, WandaConfig(sparsity="2:4"))
     assert res.W.tolist() == [[1.0, 0.0, 3.0, 0.0, 0.0, 6.0, 0.0, 8.0]]
 
