@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# name -> config dict (None: the dense model, "floor": two plain forward passes)
+# name -> config dict (None: the dense model, "floor": two plain forward passes); "_measure_error": False
+# skips the per-module error measurement (and with it every calibration pass of a data-free method)
 CONFIGS = {
     "dense": None,
     "floor": "floor",
@@ -37,11 +38,11 @@ CONFIGS = {
     "wanda-0.5": {"method": "wanda", "sparsity": 0.5},
     "magnitude-0.5": {"method": "magnitude", "sparsity": 0.5},
     "gptq-3b-g128": {"method": "gptq", "bits": 3, "group_size": 128},
-    "rtn-3b-g128": {"method": "rtn", "bits": 3, "group_size": 128},
-    "magnitude-2:4": {"method": "magnitude", "sparsity": "2:4"},
+    "rtn-3b-g128": {"method": "rtn", "bits": 3, "group_size": 128, "_measure_error": False},
+    "magnitude-2:4": {"method": "magnitude", "sparsity": "2:4", "_measure_error": False},
     "wanda-2:4": {"method": "wanda", "sparsity": "2:4"},
     "sparsegpt-2:4": {"method": "sparsegpt", "sparsity": "2:4"},
-    "magnitude-4:8": {"method": "magnitude", "sparsity": "4:8"},
+    "magnitude-4:8": {"method": "magnitude", "sparsity": "4:8", "_measure_error": False},
     "wanda-4:8": {"method": "wanda", "sparsity": "4:8"},
     "sparsegpt-4:8": {"method": "sparsegpt", "sparsity": "4:8"},
     "sparsegpt-2:4+4b-g128": {"method": "sparsegpt", "sparsity": "2:4", "bits": 4, "group_size": 128},
@@ -81,10 +82,13 @@ def run_one(name: str, args) -> dict:
 
         from lmsqueeze.compressor import compress, from_dict, save_compressed
 
-        config = from_dict(spec)
+        # data-free runs whose per-module errors no table uses skip the calibration passes altogether
+        measure_error = spec.get("_measure_error", True)
+        config = from_dict({k: v for k, v in spec.items() if not k.startswith("_")})
         info = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
         t0 = time.perf_counter()
-        report = compress(model, config, calib, batch_size=args.batch_size, calibration_info=info)
+        report = compress(model, config, calib, batch_size=args.batch_size, calibration_info=info,
+                          measure_error=measure_error)
         compress_s = time.perf_counter() - t0
         with tempfile.TemporaryDirectory(dir=args.tmp_dir) as d:
             save_compressed(model, tok, Path(d) / "ckpt", report, model_name=args.model)

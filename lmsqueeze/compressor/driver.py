@@ -352,10 +352,9 @@ def _capture(model, layers, ids, mask, batch_size, device, home, clock) -> list[
     Models whose layers differ in attention type (config.layer_types, e.g. sliding and full) get the
     keywords of the first layer of each type captured too, so each layer sees its own mask.
     """
-    outside = list(_outside(model, layers))
-    moved = [(m, next(iter(m.parameters()), None)) for m in outside]
+    outside = list(_outside(model, layers))  # embeddings, rotary, final norm, head: to the device for the capture
     if device != home:
-        for m, _ in moved:
+        for m in outside:
             m.to(device)
     t0 = clock.now()
     types = getattr(model.config, "layer_types", None)
@@ -382,7 +381,7 @@ def _capture(model, layers, ids, mask, batch_size, device, home, clock) -> list[
             batches.append(entry)
     finally:
         if device != home:
-            for m, _ in moved:
+            for m in outside:
                 m.to(home)
     clock.t["forward"] += clock.now() - t0
     return batches
