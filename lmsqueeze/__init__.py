@@ -14,3 +14,15 @@ def evaluate(*args, **kwargs):
 
 
 __all__ += ["evaluate"]
+_COMPRESSOR = ("compress", "save_compressed", "load_compressed", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig",
+               "GPTQConfig", "RTNConfig", "CompressionReport")
+__all__ += list(_COMPRESSOR)
+
+
+def __getattr__(name):
+    # lazy: `import lmsqueeze` stays light (no torch/transformers) until the compressor is used
+    if name in _COMPRESSOR:
+        import lmsqueeze.compressor as _c
+
+        return getattr(_c, name)
+    raise AttributeError(f"module 'lmsqueeze' has no attribute {name!r}")

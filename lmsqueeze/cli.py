@@ -160,6 +160,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---- compress ---------------------------------------------------------------------------------------
+
+def cmd_compress(args) -> int:
+    from lmsqueeze.compressor import compress, make_config, save_compressed
+    from lmsqueeze.data import calibration_batches
+    from lmsqueeze.models import load_model
+
+    config = make_config(args.method, sparsity=args.sparsity, bits=args.bits, group_size=args.group_size,
+                         act_order=args.act_order, sym=args.sym, blocksize=args.blocksize, percdamp=args.percdamp)
+    model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
+    calib = calibration_batches(tok, args.calib, args.nsamples, args.seqlen, args.seed, data_dir=args.data_dir)
+    calib_info = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+    report = compress(model, config, calib, device=args.device, batch_size=args.batch_size,
+                      calibration_info=calib_info)
+    save_compressed(model, tok, args.output_dir, report, model_name=args.model, extra={"dtype": args.dtype})
+    print(f"compressed {args.model} with {config.describe()} -> {args.output_dir}\n")
+    print(report.summary_markdown())
+    return 0
+
+
 # ---- parser -----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +226,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cache", action="store_true", help="recompute the base model's outputs even if cached")
     s.add_argument("--output", default=None, help="write the full report (per-item results) as JSON here")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("compress", help="compress a model and save a Hugging Face checkpoint")
+    s.add_argument("--model", required=True, help="builtin name, local directory or Hugging Face id")
+    s.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "gptq", "rtn"],
+                   help="compression method")
+    s.add_argument("--sparsity", default=None, help="fraction pruned (0.5) or N:M (2:4, 4:8); pruning methods")
+    s.add_argument("--bits", type=int, default=None, help="weight bits: 2, 3, 4 or 8 (gptq, rtn; sparsegpt: joint)")
+    s.add_argument("--group-size", type=int, default=None, help="columns per scale, -1 = per channel (default 128)")
+    s.add_argument("--act-order", action="store_true", help="gptq: quantize inputs by descending Hessian diagonal")
+    s.add_argument("--sym", action="store_true", help="symmetric quantization grid")
+    s.add_argument("--blocksize", type=int, default=None, help="columns per OBS block (default 128)")
+    s.add_argument("--percdamp", type=float, default=None, help="Hessian damping, fraction of mean diag (default 0.01)")
+    s.add_argument("--calib", default="wikitext2:valid", help="calibration text source (default wikitext2:valid)")
+    s.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    s.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+    s.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (default 8)")
+    s.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="model dtype (default bf16)")
+    s.add_argument("--device", default="cpu", help="where each layer is computed: cpu or cuda (the model stays on CPU)")
+    s.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default 0)")
+    s.add_argument("--data-dir", default=None, help="directory holding the data sets")
+    s.add_argument("--output-dir", required=True, help="where the compressed checkpoint is written")
+    s.set_defaults(func=cmd_compress)
     return p
 
 

@@ -18,3 +18,6 @@ from lmsqueeze.kernels.divergence import (  # noqa: E402
 )
 
 __all__ += ["Divergence", "token_divergence", "token_divergence_ref", "token_divergence_topk", "topk_summary"]
+from lmsqueeze.kernels.obs import PruneSpec, QuantSpec, find_params, obs_update, obs_update_ref, quantize, quantize_rtn  # noqa: E402
+
+__all__ += ["PruneSpec", "QuantSpec", "find_params", "obs_update", "obs_update_ref", "quantize", "quantize_rtn"]

@@ -1,0 +1,536 @@
+"""One sequential driver for every Hugging Face decoder-only model.
+
+    capture   run the model on the calibration batches until the first decoder layer, which a
+              forward pre-hook stops with a sentinel: its hidden states and every keyword the model
+              gave it (attention mask, position ids, rotary embeddings, ...) are kept per batch
+    per layer move the layer to the compute device; hook its linear modules and run the calibration
+              forward (statistics: one per distinct input tensor, so q/k/v share one Hessian and
+              gate/up another); compress each module; run the forward again so that the next layer
+              sees the compressed layer's outputs (and measure each module's output error on the
+              way); move the layer back home
+
+Memory: the model stays where it is (e.g. CPU) while one layer sits on the compute device, with the
+calibration activations of that one layer and its statistics. Padding never enters a statistic or
+an error: hooks pass the token mask to the kernels. Decoder layers are found generically: the
+nn.ModuleList holding most of the model's parameters. GPT-2's Conv1D keeps its weight as [in, out];
+the driver hands the methods the [out, in] view.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmsqueeze.compressor.methods import compress_weight
+from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.kernels import col_sq_norm_update, hessian_finalize, hessian_update
+from lmsqueeze.progress import progress
+
+log = logging.getLogger("lmsqueeze")
+
+PHASES = ("forward", "statistics", "solve", "propagate", "error", "save")
+
+
+class _Captured(Exception):
+    """Raised by the pre-hook on the first decoder layer: the inputs are in hand, stop the forward."""
+
+
+@dataclass
+class ModuleRecord:
+    name: str
+    shape: list[int]                # [out, in]
+    sparsity: float | None          # fraction pruned by the mask (None: nothing pruned)
+    zeros: float                    # fraction of stored weights that are exactly 0
+    recon_error: float | None       # sum ||(W - W') x||^2 / sum ||W x||^2 over the measured calibration tokens
+    loss: float | None = None       # OBS loss estimate (sparsegpt, gptq)
+    percdamp: float | None = None   # damping used (after any retry)
+    dead: int = 0                   # inputs never active in calibration
+    shares_input_with: str | None = None
+
+
+@dataclass
+class CompressionReport:
+    method: str
+    config: dict
+    modules: list[ModuleRecord] = field(default_factory=list)
+    timings: dict = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+    peak_rss_mib: float = 0.0
+    peak_cuda_mib: float | None = None
+    calibration: dict = field(default_factory=dict)
+    device: str = "cpu"
+    dtype: str = ""
+    num_layers: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def mean(self, key: str) -> float | None:
+        vals = [getattr(m, key) for m in self.modules if getattr(m, key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    def summary_markdown(self) -> str:
+        t = self.timings
+        total = sum(t.values())
+        sp, err = self.mean("sparsity"), self.mean("recon_error")
+        lines = [
+            f"| method | modules | mean sparsity | mean rel. recon. error | {' | '.join(PHASES)} | total | "
+            f"peak RSS | peak CUDA |",
+            "|" + "---|" * (len(PHASES) + 7),
+            f"| {self.config.get('method')} {_describe(self.config)} | {len(self.modules)} | "
+            f"{'-' if sp is None else f'{sp:.4f}'} | {'-' if err is None else f'{err:.4g}'} | "
+            + " | ".join(f"{t[p]:.1f} s" for p in PHASES)
+            + f" | {total:.1f} s | {self.peak_rss_mib:.0f} MiB | "
+            + ("-" if self.peak_cuda_mib is None else f"{self.peak_cuda_mib:.0f} MiB") + " |",
+        ]
+        return "\n".join(lines)
+
+
+def _describe(config: dict) -> str:
+    from lmsqueeze.compressor.config import from_dict
+
+    return from_dict(config).describe().removeprefix(config.get("method", "")).strip()
+
+
+# ---- model structure --------------------------------------------------------------------------------
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    except ImportError:  # transformers without Conv1D: nothing to special-case
+        return ()
+
+
+def check_causal_lm(model) -> None:
+    """A decoder-only causal LM (what AutoModelForCausalLM loads), else one clear error."""
+    name = type(model).__name__
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        causal = set()
+        for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            causal.update(v if isinstance(v, (tuple, list)) else (v,))
+    except ImportError:
+        causal = None
+    config = getattr(model, "config", None)
+    if (config is None or getattr(config, "is_encoder_decoder", False)
+            or (causal is not None and name not in causal)):
+        raise LmsqueezeError(f"{name} is not a decoder-only causal language model; lmsqueeze compresses models "
+                             f"that AutoModelForCausalLM loads (Llama, Mistral, Qwen2, Gemma, Phi-3, OPT, GPT-2, ...)")
+
+
+def find_decoder_layers(model) -> nn.ModuleList:
+    """The nn.ModuleList that holds most parameters: the stack of decoder layers in every HF decoder."""
+    best, best_params = None, 0
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            n = sum(p.numel() for p in mod.parameters())
+            if n > best_params:
+                best, best_params = mod, n
+    if best is None:
+        raise LmsqueezeError(f"found no stack of decoder layers (an nn.ModuleList) in {type(model).__name__}")
+    return best
+
+
+def linear_modules(layer: nn.Module, prefix: str, config) -> dict[str, nn.Module]:
+    """The layer's linear modules (nn.Linear, GPT-2's Conv1D) that the config selects, by full name."""
+    kinds = (nn.Linear,) + ((_conv1d_type(),) if _conv1d_type() else ())
+    out = {}
+    for name, mod in layer.named_modules():
+        full = f"{prefix}.{name}" if name else prefix
+        if isinstance(mod, kinds) and config.selects(full):
+            out[full] = mod
+    return out
+
+
+def is_conv1d(mod) -> bool:
+    kind = _conv1d_type()
+    return bool(kind) and isinstance(mod, kind)
+
+
+def weight_of(mod) -> torch.Tensor:
+    """The module's weight as [out, in] (a view; Conv1D stores [in, out])."""
+    return mod.weight.t() if is_conv1d(mod) else mod.weight
+
+
+def _outside(module: nn.Module, layers: nn.ModuleList):
+    """The largest submodules that do not contain the decoder layers (embeddings, rotary, norms, head)."""
+    for child in module.children():
+        if child is layers:
+            continue
+        if any(m is layers for m in child.modules()):
+            yield from _outside(child, layers)
+        else:
+            yield child
+
+
+# ---- calibration --------------------------------------------------------------------------------------
+
+def _calibration(calibration) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input_ids [n, t] long, token mask [n, t] bool or None when nothing is padded)."""
+    mask = None
+    if isinstance(calibration, dict) or hasattr(calibration, "keys"):
+        if "input_ids" not in calibration:
+            raise LmsqueezeError("calibration dict needs 'input_ids' (and optionally 'attention_mask')")
+        ids, mask = calibration["input_ids"], calibration.get("attention_mask")
+    else:
+        ids = calibration
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.shape[0] < 1:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise LmsqueezeError(f"calibration must be a [nsamples, seqlen] integer token tensor (or a dict with "
+                             f"input_ids/attention_mask), got {shape}")
+    if mask is not None:
+        mask = torch.as_tensor(mask)
+        if mask.shape != ids.shape:
+            raise LmsqueezeError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+        mask = mask.to(torch.bool)
+        if int(mask.sum()) == 0:
+            raise LmsqueezeError("attention_mask masks every calibration token")
+        if bool(mask.all()):
+            mask = None
+    return ids.long(), mask
+
+
+class _Stat:
+    """One statistic for one distinct input: H [d, d] (sparsegpt, gptq) or col_sq_norm [d] (wanda), fp32."""
+
+    def __init__(self, kind: str, d: int, device):
+        self.kind = kind
+        self.value = torch.zeros((d, d) if kind == "hessian" else (d,), dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if self.kind == "hessian":
+            self.n = hessian_update(self.value, x, self.n, mask)
+        else:
+            self.n = col_sq_norm_update(self.value, x, self.n, mask)
+
+    def finish(self) -> torch.Tensor:
+        if self.kind == "hessian":
+            hessian_finalize(self.value)
+        return self.value
+
+
+def _token_mask(x: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if x.numel() // x.shape[-1] != mask.numel():
+        raise LmsqueezeError(f"{name} sees {x.numel() // x.shape[-1]} tokens per batch but the batch has "
+                             f"{mask.numel()}: modules that see a subset of tokens (mixture of experts) are not supported")
+    return mask
+
+
+class _Clock:
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.t = defaultdict(float)
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+# ---- the driver ------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def compress(model, config, calibration=None, *, device: str | torch.device | None = None, batch_size: int = 8,
+             measure_error: bool = True, error_samples: int | None = 8,
+             calibration_info: dict | None = None) -> CompressionReport:
+    """Compress `model` in place with `config`; returns a CompressionReport.
+
+    calibration: a [nsamples, seqlen] token tensor, or a dict with input_ids and attention_mask (0 = padding);
+    may be None for data-free methods (magnitude, rtn) with measure_error=False.
+    device: where each layer is computed (None: where the layers are); the model itself stays put.
+    batch_size: calibration samples per forward pass (bounds activation memory).
+    measure_error: measure each module's relative output error during the propagate forward, on the
+        first `error_samples` calibration samples (None: all). It costs one extra GEMM per module and
+        sample, so by default it looks at 8 samples (one batch); every method is measured on the same ones.
+    """
+    check_causal_lm(model)
+    if batch_size < 1:
+        raise LmsqueezeError(f"batch size must be >= 1, got {batch_size}")
+    layers = find_decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    home = next(layers.parameters()).device
+    device = torch.device(device) if device is not None else home
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmsqueezeError("--device cuda was asked for but torch sees no CUDA device")
+    dtype = next(layers.parameters()).dtype
+    targets = [linear_modules(layer, f"{prefix}.{i}", config) for i, layer in enumerate(layers)]
+    if not any(targets):
+        raise LmsqueezeError(f"no linear layer matches include={list(config.include)} exclude={list(config.exclude)}")
+    if hasattr(config, "check_width"):  # N:M: every width must divide by M; fail before any work
+        for mods in targets:
+            for name, mod in mods.items():
+                config.check_width(weight_of(mod).shape[1], name)
+
+    needs_data = bool(config.needs) or measure_error
+    ids = mask = None
+    if needs_data:
+        if calibration is None:
+            raise LmsqueezeError(f"{config.method} needs calibration data (or measure_error=False for data-free methods)")
+        ids, mask = _calibration(calibration)
+    report = CompressionReport(method=config.method, config=config.to_dict(), device=str(device),
+                               dtype=str(dtype).removeprefix("torch."), num_layers=len(layers))
+    report.calibration = dict(calibration_info or {})
+    if ids is not None:
+        report.calibration.update(nsamples=int(ids.shape[0]), seqlen=int(ids.shape[1]),
+                                  tokens=int(ids.numel() if mask is None else mask.sum()))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    clock = _Clock(cuda)
+
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    try:
+        batches = _capture(model, layers, ids, mask, batch_size, device, home, clock) if needs_data else []
+        bar = progress(range(len(layers)), desc=f"{config.method}", unit="layer", leave=True)
+        for i in bar:
+            layer = layers[i]
+            layer.to(device)
+            mods = targets[i]
+            kw_i = _kwargs_for(model, i, batches)
+            stats, leader_of = ({}, {})
+            if config.needs and mods:
+                bar.set_postfix_str(f"layer {i}: statistics")
+                stats, leader_of = _statistics(layer, mods, batches, kw_i, config.needs, device, clock)
+            bar.set_postfix_str(f"layer {i}: solve")
+            originals = {}
+            t0 = clock.now()
+            for name, mod in mods.items():
+                W = weight_of(mod)
+                if measure_error:
+                    originals[name] = W.detach().clone()
+                stat = stats[leader_of[name]].value if stats else None
+                res = compress_weight(W.detach(), stat, config)
+                W.copy_(res.W.to(W.dtype))
+                stored = weight_of(mod)
+                report.modules.append(ModuleRecord(
+                    name=name, shape=list(stored.shape),
+                    sparsity=None if res.mask is None else 1.0 - float(res.mask.float().mean()),
+                    zeros=float((stored == 0).float().mean()), recon_error=None, loss=res.loss,
+                    percdamp=res.percdamp, dead=res.dead,
+                    shares_input_with=leader_of.get(name) if leader_of.get(name) != name else None))
+            del stats
+            clock.t["solve"] += clock.now() - t0
+            if batches:
+                bar.set_postfix_str(f"layer {i}: propagate")
+                errors = _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, error_samples)
+                for rec in report.modules[-len(mods):] if mods else []:
+                    rec.recon_error = errors.get(rec.name)
+                if errors:
+                    bar.set_postfix_str(f"layer {i}: err {sum(errors.values()) / len(errors):.3g}")
+            layer.to(home)
+            del originals
+            log.info("layer %d: %s", i, ", ".join(
+                f"{r.name.rsplit('.', 1)[-1]} err={r.recon_error if r.recon_error is None else f'{r.recon_error:.3g}'}"
+                for r in report.modules[-len(mods):]) if mods else "nothing selected")
+        bar.close()
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    for p in ("forward", "statistics", "solve", "propagate", "error"):
+        report.timings[p] = clock.t[p]
+    report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cuda:
+        report.peak_cuda_mib = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return report
+
+
+def _capture(model, layers, ids, mask, batch_size, device, home, clock) -> list[dict]:
+    """Per batch: the first layer's hidden states, its other positional args and kwargs, the token mask.
+
+    Models whose layers differ in attention type (config.layer_types, e.g. sliding and full) get the
+    keywords of the first layer of each type captured too, so each layer sees its own mask.
+    """
+    outside = list(_outside(model, layers))  # embeddings, rotary, final norm, head: to the device for the capture
+    if device != home:
+        for m in outside:
+            m.to(device)
+    t0 = clock.now()
+    types = getattr(model.config, "layer_types", None)
+    firsts = {}
+    if isinstance(types, (list, tuple)) and len(types) == len(layers) and len(set(types)) > 1:
+        for i, t in enumerate(types):
+            firsts.setdefault(t, i)
+    batches = []
+    try:
+        for start in range(0, ids.shape[0], batch_size):
+            b_ids = ids[start:start + batch_size].to(device)
+            b_mask = None if mask is None else mask[start:start + batch_size].to(device)
+            args, kwargs = _run_until(model, layers[0], b_ids, b_mask)
+            hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+            rest = args[1:] if "hidden_states" not in kwargs else args
+            entry = {"h": hidden, "args": rest, "kwargs": kwargs, "mask": b_mask, "by_type": {}}
+            for t, idx in firsts.items():
+                if idx:
+                    _, kw = _run_until(model, layers[idx], b_ids, b_mask)
+                    kw.pop("hidden_states", None)
+                    entry["by_type"][t] = kw
+                else:
+                    entry["by_type"][t] = kwargs
+            batches.append(entry)
+    finally:
+        if device != home:
+            for m in outside:
+                m.to(home)
+    clock.t["forward"] += clock.now() - t0
+    return batches
+
+
+def _run_until(model, layer, ids, mask):
+    got = {}
+
+    def pre_hook(module, args, kwargs):
+        got["args"], got["kwargs"] = args, dict(kwargs)
+        raise _Captured
+
+    handle = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        model(input_ids=ids, attention_mask=None if mask is None else mask.long(), use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if "args" not in got:
+        raise LmsqueezeError(f"{type(model).__name__}'s forward never reached its first decoder layer")
+    return got["args"], got["kwargs"]
+
+
+def _kwargs_for(model, i, batches) -> list[dict]:
+    types = getattr(model.config, "layer_types", None)
+    out = []
+    for b in batches:
+        if b["by_type"] and isinstance(types, (list, tuple)) and types[i] in b["by_type"]:
+            out.append(b["by_type"][types[i]])
+        else:
+            out.append(b["kwargs"])
+    return out
+
+
+def _layer_forward(layer, batch, kwargs):
+    out = layer(batch["h"], *batch["args"], **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _statistics(layer, mods, batches, kw_i, kind, device, clock):
+    """Run the calibration forward with hooks; returns ({leader: _Stat}, {module name: leader name}).
+
+    Modules that read the very same tensor (q/k/v, gate/up) share one statistic: the first batch
+    records every module's input (holding them keeps identities unique), groups them by tensor
+    identity, then folds them in; later batches update each group once, from its leader's hook.
+    """
+    current = {"mask": None, "probe": None}
+    leader_of: dict[str, str] = {}
+    stats: dict[str, _Stat] = {}
+
+    def make_hook(name):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            if current["probe"] is not None:
+                current["probe"].append((name, x))
+                return
+            if leader_of.get(name) == name:
+                t0 = clock.now()
+                stats[name].add(x, _token_mask(x, current["mask"], name))
+                clock.t["statistics"] += clock.now() - t0
+        return hook
+
+    handles = [mod.register_forward_hook(make_hook(name)) for name, mod in mods.items()]
+    try:
+        for bi, (batch, kw) in enumerate(zip(batches, kw_i)):
+            current["mask"] = batch["mask"]
+            current["probe"] = [] if bi == 0 else None
+            t0 = clock.now()
+            _layer_forward(layer, batch, kw)
+            clock.t["forward"] += clock.now() - t0
+            if bi == 0:
+                probe, current["probe"] = current["probe"], None
+                t0 = clock.now()
+                seen: list[tuple[str, torch.Tensor]] = []
+                for name, x in probe:
+                    lead = next((ln for ln, lx in seen if lx is x or _same_tensor(lx, x)), None)
+                    if lead is None:
+                        seen.append((name, x))
+                        leader_of[name] = name
+                        stats[name] = _Stat(kind, x.shape[-1], device)
+                        stats[name].add(x, _token_mask(x, batch["mask"], name))
+                    else:
+                        leader_of[name] = lead
+                del probe, seen
+                clock.t["statistics"] += clock.now() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in mods if n not in leader_of]
+    if missing:
+        raise LmsqueezeError(f"the calibration forward never called {', '.join(missing)}")
+    t0 = clock.now()
+    for s in stats.values():
+        s.finish()
+    clock.t["statistics"] += clock.now() - t0
+    return stats, leader_of
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
+
+
+def _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, error_samples) -> dict[str, float]:
+    """Replace each batch's hidden states by the compressed layer's outputs; measure the output errors.
+
+    error(module) = sum ||(W - W') x||^2 / sum ||W x||^2 over valid tokens, x the module's inputs here.
+    """
+    num = defaultdict(float)
+    den = defaultdict(float)
+    current = {"mask": None, "on": False}
+    deltas = {name: (originals[name] - weight_of(mod)).to(weight_of(mod).dtype) for name, mod in mods.items()
+              if name in originals}
+
+    def make_hook(name, mod):
+        def hook(module, inputs, output):
+            if not current["on"]:
+                return
+            t0 = clock.now()
+            x = inputs[0]
+            m = _token_mask(x, current["mask"], name)
+            dy = F.linear(x, deltas[name]).float()          # (W - W') x
+            y = output.float()
+            if getattr(mod, "bias", None) is not None:
+                y = y - mod.bias.float()
+            full = y + dy                                    # W x
+            dy, full = dy.reshape(-1, dy.shape[-1]), full.reshape(-1, full.shape[-1])
+            if m is not None:
+                keep = m.reshape(-1)
+                dy, full = dy[keep], full[keep]
+            num[name] += float((dy * dy).sum())
+            den[name] += float((full * full).sum())
+            clock.t["error"] += clock.now() - t0
+        return hook
+
+    handles = [mod.register_forward_hook(make_hook(n, mod)) for n, mod in mods.items() if n in deltas] \
+        if measure_error else []
+    t_start = clock.now()
+    err_before = clock.t["error"]
+    try:
+        seen = 0
+        for batch, kw in zip(batches, kw_i):
+            current["mask"] = batch["mask"]
+            current["on"] = error_samples is None or seen < error_samples
+            seen += batch["h"].shape[0]
+            batch["h"] = _layer_forward(layer, batch, kw)
+    finally:
+        for h in handles:
+            h.remove()
+    clock.t["propagate"] += clock.now() - t_start - (clock.t["error"] - err_before)
+    return {n: (num[n] / den[n] if den[n] > 0 else 0.0) for n in deltas} if measure_error else {}

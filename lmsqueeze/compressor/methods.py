@@ -1,0 +1,130 @@
+"""Per-layer method math: pure functions of one weight matrix and its calibration statistic.
+
+W is [out, in] (the nn.Linear layout) in any dtype; every function works in fp32 and returns a
+LayerResult with the new fp32 weights and the KEEP mask (True = kept; None for pure quantization).
+Nothing here knows about models; the driver feeds the statistics in.
+
+- magnitude(W, cfg): prune the smallest |W| over the layer (or per row), or N:M.
+- wanda(W, col_sq_norm, cfg): prune the smallest |W_ij| * ||X_j||_2 within each row, or N:M; no update.
+- sparsegpt(W, H, cfg): blocked OBS pruning (optionally jointly quantized), kernels.obs_update.
+- gptq(W, H, cfg): blocked OBS quantization, optional act-order, kernels.obs_update.
+- rtn(W, cfg): round to nearest on the same grid as GPTQ.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.kernels import nm_mask, obs_update, quantize_rtn, rowwise_mask, wanda_scores
+
+log = logging.getLogger("lmsqueeze")
+
+MAX_DAMP_RETRIES = 6  # percdamp * 10^6 on the last try: past that H is not a Hessian any more
+
+
+@dataclass
+class LayerResult:
+    W: torch.Tensor                 # [out, in] fp32, the compressed weights
+    mask: torch.Tensor | None       # [out, in] bool KEEP mask, None when nothing was pruned
+    loss: float | None = None       # OBS loss estimate sum (w - q)^2 / [Hinv]_jj^2 / 2 (sparsegpt, gptq)
+    percdamp: float | None = None   # the damping that made H positive definite (after retries)
+    dead: int = 0                   # inputs with diag(H) == 0 (their column was zeroed)
+
+
+def _keep_from_scores(scores: torch.Tensor, cfg, per_row: bool) -> torch.Tensor:
+    nm = cfg.nm
+    if nm:
+        return nm_mask(scores, nm[0], nm[1])
+    if per_row:
+        return rowwise_mask(scores, cfg.fraction)
+    # over the whole layer: exactly round(s * numel) lowest scores pruned, ties by index (stable sort)
+    flat = scores.reshape(1, -1)
+    return rowwise_mask(flat, cfg.fraction).reshape(scores.shape)
+
+
+def magnitude(W: torch.Tensor, cfg) -> LayerResult:
+    W = W.float()
+    cfg.check_width(W.shape[1], "this layer")
+    keep = _keep_from_scores(W.abs(), cfg, per_row=cfg.scope == "row")
+    return LayerResult(W.masked_fill(~keep, 0.0), keep)
+
+
+def wanda(W: torch.Tensor, col_sq_norm: torch.Tensor, cfg) -> LayerResult:
+    W = W.float()
+    cfg.check_width(W.shape[1], "this layer")
+    keep = _keep_from_scores(wanda_scores(W, col_sq_norm), cfg, per_row=True)
+    return LayerResult(W.masked_fill(~keep, 0.0), keep)
+
+
+def rtn(W: torch.Tensor, cfg) -> LayerResult:
+    return LayerResult(quantize_rtn(W.float(), cfg.quant_spec()), None)
+
+
+def prepare_hessian(W: torch.Tensor, H: torch.Tensor, percdamp: float):
+    """Dead inputs and the damped inverse: (W, Hinv upper Cholesky of (H + damp I)^-1, percdamp used, #dead).
+
+    Dead inputs (diag(H) == 0: that input was always 0 in calibration) get H_jj = 1 and W[:, j] = 0,
+    as the SparseGPT/GPTQ papers do: the weight cannot matter on this data, and H stays invertible.
+    damp = percdamp * mean(diag(H)); when a Cholesky factorization fails the damping grows tenfold
+    and the retry is logged.
+    """
+    W = W.float().clone()
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    ndead = int(dead.sum())
+    if ndead:
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
+    mean_diag = float(torch.diag(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    pd = percdamp
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        L, info = torch.linalg.cholesky_ex(H + (pd * mean_diag) * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return W, U, pd, ndead
+        new = max(pd * 10, 1e-4)
+        log.warning("Hessian is not positive definite with percdamp %.3g (try %d); retrying with %.3g",
+                    pd, attempt + 1, new)
+        pd = new
+    raise LmsqueezeError(f"the Hessian stayed singular up to percdamp {pd:g}: the calibration inputs of this "
+                         f"layer are degenerate (too few tokens? nan/inf activations?)")
+
+
+def sparsegpt(W: torch.Tensor, H: torch.Tensor, cfg) -> LayerResult:
+    cfg.check_width(W.shape[1], "this layer")
+    W, Hinv, pd, ndead = prepare_hessian(W, H, cfg.percdamp)
+    Wn, keep, losses = obs_update(W, Hinv, blocksize=cfg.blocksize, prune=cfg.prune_spec(), quant=cfg.quant_spec())
+    return LayerResult(Wn, keep, float(losses.sum()), pd, ndead)
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, cfg) -> LayerResult:
+    perm = None
+    if cfg.act_order:  # visit the inputs with the largest diag(H) first; groups are consecutive in that order
+        perm = torch.argsort(torch.diag(H.float()), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    W, Hinv, pd, ndead = prepare_hessian(W, H, cfg.percdamp)
+    Wn, _, losses = obs_update(W, Hinv, blocksize=cfg.blocksize, quant=cfg.quant_spec())
+    if perm is not None:
+        Wn = Wn[:, torch.argsort(perm)]
+    return LayerResult(Wn, None, float(losses.sum()), pd, ndead)
+
+
+def compress_weight(W: torch.Tensor, stat: torch.Tensor | None, cfg) -> LayerResult:
+    """Dispatch on the config's method. stat: col_sq_norm [in] (wanda), H [in, in] (sparsegpt, gptq), else None."""
+    if cfg.method == "magnitude":
+        return magnitude(W, cfg)
+    if cfg.method == "wanda":
+        return wanda(W, stat, cfg)
+    if cfg.method == "sparsegpt":
+        return sparsegpt(W, stat, cfg)
+    if cfg.method == "gptq":
+        return gptq(W, stat, cfg)
+    if cfg.method == "rtn":
+        return rtn(W, cfg)
+    raise LmsqueezeError(f"unknown method '{cfg.method}'")
