@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
-from lmsqueeze.kernels import nm_mask, obs_update, quantize_rtn, rowwise_mask, wanda_scores
+from lmsqueeze.kernels import nm_mask, obs_update, quantize_rtn, rowwise_mask, wanda_mask
 
 log = logging.getLogger("lmsqueeze")
 
@@ -55,7 +55,9 @@ def magnitude(W: torch.Tensor, cfg) -> LayerResult:
 def wanda(W: torch.Tensor, col_sq_norm: torch.Tensor, cfg) -> LayerResult:
     W = W.float()
     cfg.check_width(W.shape[1], "this layer")
-    keep = _keep_from_scores(wanda_scores(W, col_sq_norm), cfg, per_row=True)
+    # fused: scores |W| * sqrt(col_sq_norm) are formed inside the mask kernel, never stored
+    nm = cfg.nm
+    keep = wanda_mask(W, col_sq_norm, n=nm[0], m=nm[1]) if nm else wanda_mask(W, col_sq_norm, sparsity=cfg.fraction)
     return LayerResult(W.masked_fill(~keep, 0.0), keep)
 
 
