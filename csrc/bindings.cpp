@@ -38,6 +38,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("col_sq_norm_update_cpu", &lmsqueeze::col_sq_norm_update_cpu, py::arg("s"), py::arg("x"),
         py::arg("nsamples"), py::arg("mask") = py::none());
+  // ---- obs_update (issue 5) ----
+  m.def("obs_update_cpu", &lmsqueeze::obs_update_cpu, py::arg("W"), py::arg("Hinv"), py::arg("blocksize"),
+        py::arg("prune_counts"), py::arg("nm_n"), py::arg("nm_m"), py::arg("bits"), py::arg("group_size"),
+        py::arg("sym"));
+  // ---- end obs_update ----
 #ifdef LMSQUEEZE_WITH_CUDA
   m.def("col_sq_norm_update_cuda", &lmsqueeze::col_sq_norm_update_cuda, py::arg("s"), py::arg("x"),
         py::arg("nsamples"), py::arg("mask") = py::none());

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lmsqueeze import _ext
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels._dispatch import choose_backend
 
-IMPLEMENTED = ("ref",)
+IMPLEMENTED = ("ref", "cpu", "triton")
 BITS = (2, 3, 4, 8)
 
 
@@ -214,11 +215,38 @@ def obs_update_ref(W: torch.Tensor, Hinv: torch.Tensor, *, blocksize: int = 128,
     return W, mask, Losses
 
 
+def block_prune_counts(sparsity: float, rows: int, cols: int, blocksize: int) -> list[int]:
+    """Weights the unstructured mode prunes in each block: the reference's running-total rule, per block."""
+    counts, count = [], 0
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        k = max(int(round(sparsity * rows * i2)) - count, 0)
+        counts.append(k)
+        count += k
+    return counts
+
+
 def obs_update(W: torch.Tensor, Hinv: torch.Tensor, *, blocksize: int = 128, prune: PruneSpec | None = None,
                quant: QuantSpec | None = None, backend: str | None = None):
-    """The one entry for the OBS sweep; see obs_update_ref for the contract. Only "ref" exists today."""
+    """The one entry for the OBS sweep; see obs_update_ref for the contract.
+
+    backend: None (auto: "cpu" for CPU tensors when the extension is built, "triton" for CUDA
+    tensors), "ref", "cpu" or "triton"; LMSQUEEZE_BACKEND forces one too. The fast paths give the
+    reference's mask and, up to fp32 summation order, its weights (tests/kernels/test_obs_fast.py).
+    """
     _check(W, Hinv, blocksize, prune, quant)
     chosen = choose_backend("obs_update", W.device, backend, IMPLEMENTED)
     if chosen == "ref":
         return obs_update_ref(W, Hinv, blocksize=blocksize, prune=prune, quant=quant)
+    if chosen == "triton":
+        from lmsqueeze.kernels.triton.obs import obs_update_triton
+
+        return obs_update_triton(W, Hinv, blocksize=blocksize, prune=prune, quant=quant)
+    if chosen == "cpu":
+        rows, cols = W.shape
+        counts = (block_prune_counts(prune.sparsity, rows, cols, blocksize)
+                  if prune is not None and not prune.nm else [])
+        nm_n, nm_m = (prune.n, prune.m) if prune is not None and prune.nm else (0, 0)
+        bits, gs, sym = (quant.bits, quant.group_size, quant.sym) if quant is not None else (0, -1, False)
+        return _ext.ext().obs_update_cpu(W, Hinv, blocksize, counts, nm_n, nm_m, bits, gs, sym)
     raise AssertionError(f"unhandled backend {chosen}")
