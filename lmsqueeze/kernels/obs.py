@@ -22,6 +22,15 @@ Modes (both at once = joint sparse + quantized output, zeros kept exact):
   permute W's columns and H by descending diag(H) before the sweep and undo it after, so groups
   are consecutive in the permuted order (what the GPTQ reference does without static groups).
 
+Ties in the saliency are broken the way a stable sort does: the lower row-major index (unstructured)
+or the lower column (N:M) is pruned first. Every backend keeps that rule, so masks are reproducible.
+
+Backends (obs_update chooses): "ref" below; "cpu", csrc/cpu/obs.cpp: rows split over threads, each
+row sweeps a block's columns in cache, one BLAS call per block for the trailing update; it repeats
+the reference's fp32 operations in the same order, so its mask and weights match the reference's
+(bit for bit on the dev box; tests allow 1e-5 * max|W| for BLAS summation order); "triton",
+lmsqueeze/kernels/triton/obs.py: one launch per block plus one matmul.
+
 The grid (find_params / quantize / quantize_rtn) lives here too, so RTN and GPTQ share one grid.
 """
 from __future__ import annotations
