@@ -26,7 +26,10 @@ from lmsqueeze.testing import assert_close
 W_TOL = 1e-5
 LOSS_RTOL = 1e-5
 
-needs_ext = pytest.mark.skipif(not _ext.has_op("obs_update_cpu"), reason=f"C++ extension: {_ext.EXT_ERROR}")
+needs_ext = pytest.mark.skipif(
+    not _ext.has_op("obs_update_cpu"),
+    reason=f"C++ extension not built: {_ext.EXT_ERROR}" if _ext.ext() is None
+    else "lmsqueeze._C has no obs_update_cpu (stale build: python setup.py build_ext --inplace)")
 needs_triton = pytest.mark.skipif(not triton_available() or os.environ.get("TRITON_INTERPRET") != "1"
                                   and not torch.cuda.is_available(),
                                   reason="triton needs a GPU or TRITON_INTERPRET=1")
