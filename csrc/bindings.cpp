@@ -47,6 +47,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nm_mask_cpu", &lmsqueeze::nm_mask_cpu, py::arg("scores"), py::arg("n"), py::arg("m"));
   m.def("wanda_mask_cpu", &lmsqueeze::wanda_mask_cpu, py::arg("W"), py::arg("col_sq_norm"), py::arg("k"),
         py::arg("n"), py::arg("m"));
+  // ---- obs_update (issue 5) ----
+  m.def("obs_update_cpu", &lmsqueeze::obs_update_cpu, py::arg("W"), py::arg("Hinv"), py::arg("blocksize"),
+        py::arg("prune_counts"), py::arg("nm_n"), py::arg("nm_m"), py::arg("bits"), py::arg("group_size"),
+        py::arg("sym"));
+  // ---- end obs_update ----
 #ifdef LMSQUEEZE_WITH_CUDA
   m.def("col_sq_norm_update_cuda", &lmsqueeze::col_sq_norm_update_cuda, py::arg("s"), py::arg("x"),
         py::arg("nsamples"), py::arg("mask") = py::none());

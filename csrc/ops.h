@@ -3,6 +3,8 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <tuple>
+#include <vector>
 
 namespace lmsqueeze {
 
@@ -28,6 +30,13 @@ torch::Tensor nm_mask_cpu(const torch::Tensor& scores, int64_t n, int64_t m);
 // Fused Wanda: scores |W| * sqrt(col_sq_norm) computed on the fly, then rowwise (k >= 0) or N:M (n, m).
 torch::Tensor wanda_mask_cpu(const torch::Tensor& W, const torch::Tensor& col_sq_norm, int64_t k, int64_t n,
                              int64_t m);
+// ---- obs_update (issue 5): the blocked OBS sweep of SparseGPT/GPTQ; see csrc/cpu/obs.cpp ----
+// prune_counts: weights pruned per block (unstructured; empty otherwise); nm_m = 0: no N:M;
+// bits = 0: no quantization. Returns (W_new, keep mask or None, losses).
+std::tuple<torch::Tensor, std::optional<torch::Tensor>, torch::Tensor> obs_update_cpu(
+    const torch::Tensor& W, const torch::Tensor& Hinv, int64_t blocksize, const std::vector<int64_t>& prune_counts,
+    int64_t nm_n, int64_t nm_m, int64_t bits, int64_t group_size, bool sym);
+// ---- end obs_update ----
 
 #ifdef LMSQUEEZE_WITH_CUDA
 int64_t col_sq_norm_update_cuda(torch::Tensor s, const torch::Tensor& x, int64_t nsamples,

@@ -22,6 +22,15 @@ Modes (both at once = joint sparse + quantized output, zeros kept exact):
   permute W's columns and H by descending diag(H) before the sweep and undo it after, so groups
   are consecutive in the permuted order (what the GPTQ reference does without static groups).
 
+Ties in the saliency are broken the way a stable sort does: the lower row-major index (unstructured)
+or the lower column (N:M) is pruned first. Every backend keeps that rule, so masks are reproducible.
+
+Backends (obs_update chooses): "ref" below; "cpu", csrc/cpu/obs.cpp: rows split over threads, each
+row sweeps a block's columns in cache, one BLAS call per block for the trailing update; it repeats
+the reference's fp32 operations in the same order, so its mask and weights match the reference's
+(bit for bit on the dev box; tests allow 1e-5 * max|W| for BLAS summation order); "triton",
+lmsqueeze/kernels/triton/obs.py: one launch per block plus one matmul.
+
 The grid (find_params / quantize / quantize_rtn) lives here too, so RTN and GPTQ share one grid.
 """
 from __future__ import annotations
@@ -31,10 +40,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lmsqueeze import _ext
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels._dispatch import choose_backend
 
-IMPLEMENTED = ("ref",)
+IMPLEMENTED = ("ref", "cpu", "triton")
 BITS = (2, 3, 4, 8)
 
 
@@ -214,11 +224,38 @@ def obs_update_ref(W: torch.Tensor, Hinv: torch.Tensor, *, blocksize: int = 128,
     return W, mask, Losses
 
 
+def block_prune_counts(sparsity: float, rows: int, cols: int, blocksize: int) -> list[int]:
+    """Weights the unstructured mode prunes in each block: the reference's running-total rule, per block."""
+    counts, count = [], 0
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        k = max(int(round(sparsity * rows * i2)) - count, 0)
+        counts.append(k)
+        count += k
+    return counts
+
+
 def obs_update(W: torch.Tensor, Hinv: torch.Tensor, *, blocksize: int = 128, prune: PruneSpec | None = None,
                quant: QuantSpec | None = None, backend: str | None = None):
-    """The one entry for the OBS sweep; see obs_update_ref for the contract. Only "ref" exists today."""
+    """The one entry for the OBS sweep; see obs_update_ref for the contract.
+
+    backend: None (auto: "cpu" for CPU tensors when the extension is built, "triton" for CUDA
+    tensors), "ref", "cpu" or "triton"; LMSQUEEZE_BACKEND forces one too. The fast paths give the
+    reference's mask and, up to fp32 summation order, its weights (tests/kernels/test_obs_fast.py).
+    """
     _check(W, Hinv, blocksize, prune, quant)
     chosen = choose_backend("obs_update", W.device, backend, IMPLEMENTED)
     if chosen == "ref":
         return obs_update_ref(W, Hinv, blocksize=blocksize, prune=prune, quant=quant)
+    if chosen == "triton":
+        from lmsqueeze.kernels.triton.obs import obs_update_triton
+
+        return obs_update_triton(W, Hinv, blocksize=blocksize, prune=prune, quant=quant)
+    if chosen == "cpu":
+        rows, cols = W.shape
+        counts = (block_prune_counts(prune.sparsity, rows, cols, blocksize)
+                  if prune is not None and not prune.nm else [])
+        nm_n, nm_m = (prune.n, prune.m) if prune is not None and prune.nm else (0, 0)
+        bits, gs, sym = (quant.bits, quant.group_size, quant.sym) if quant is not None else (0, -1, False)
+        return _ext.ext().obs_update_cpu(W, Hinv, blocksize, counts, nm_n, nm_m, bits, gs, sym)
     raise AssertionError(f"unhandled backend {chosen}")

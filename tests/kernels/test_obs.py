@@ -125,8 +125,8 @@ def test_ref_and_dispatcher_agree_and_bad_input_is_clear():
         obs_update(W, Hinv)
     with pytest.raises(LmsqueezeError, match="multiple of 4"):
         obs_update(W[:, :14].contiguous(), Hinv[:14, :14].contiguous(), prune=PruneSpec(n=2, m=4))
-    with pytest.raises(LmsqueezeError, match="has no 'cpu' backend"):
-        obs_update(W, Hinv, prune=PruneSpec(sparsity=0.5), backend="cpu")
+    with pytest.raises(LmsqueezeError, match="has no 'cuda' backend"):
+        obs_update(W, Hinv, prune=PruneSpec(sparsity=0.5), backend="cuda")
     with pytest.raises(LmsqueezeError, match="bits 5"):
         QuantSpec(bits=5)
     with pytest.raises(LmsqueezeError, match="0 < N < M"):
