@@ -50,6 +50,8 @@ def _sparsity_order(s) -> tuple:
     if s is None:
         return (2, 0.0, "")
     s = str(s)
+    if s.endswith("-bit"):  # quantizer settings, by bits
+        return (3, float(s.removesuffix("-bit")), s)
     if ":" in s:
         n, m = s.split(":")
         return (1, 1 - int(n) / int(m), s)
@@ -152,6 +154,16 @@ def _pyplot():
     return plt
 
 
+def _log_if_wide(ax) -> None:
+    """Perplexity on a log axis only when it spans more than a factor 10 (plain numbers otherwise)."""
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo > 10:
+        from matplotlib.ticker import ScalarFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+
+
 def plot_sweeps(records: list[dict], path: Path) -> bool:
     """Each metric against sparsity (categorical axis: fractions, then N:M), one line per method and
     calibration source; the dense model as a dashed line."""
@@ -186,7 +198,7 @@ def plot_sweeps(records: list[dict], path: Path) -> bool:
         ax.set_xlabel("sparsity")
         ax.set_title(TITLES.get(metric, metric))
         if metric == "ppl":
-            ax.set_yscale("log")
+            _log_if_wide(ax)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
@@ -222,7 +234,7 @@ def plot_calibration(records: list[dict], path: Path) -> bool:
         ax.set_xticklabels([f"{m}\n{s}" for m, s in groups], fontsize=8)
         ax.set_title(TITLES.get(metric, metric))
         if metric == "ppl":
-            ax.set_yscale("log")
+            _log_if_wide(ax)
         ax.grid(alpha=0.3, axis="y")
     axes.flat[0].legend(title="calibration", fontsize=8)
     fig.suptitle("calibration source effect")
@@ -254,6 +266,12 @@ def plot_groups(records: list[dict], path: Path) -> bool:
         ax.set_yticklabels([r["label"] for r in rows], fontsize=8)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([n.split("/")[-1] for n in names], rotation=45, ha="right", fontsize=8)
+        if len(rows) * len(names) <= 300:
+            for i, row in enumerate(data):
+                for j, v in enumerate(row):
+                    if not math.isnan(v):
+                        ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=7,
+                                color="white" if abs(v) > 0.6 * lim else "black")
         ax.set_title(f"{task}: change in {metric} from the base model, per group")
         fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
