@@ -174,6 +174,9 @@ def run_study(spec: StudySpec, output_dir: str | os.PathLike, *, on_cell=None) -
     _repair(out / RESULTS)
     done = {r["key"] for r in read_results(out)}
     todo = [c for c in cells if c.key(spec) not in done]
+    foreign = done - {c.key(spec) for c in cells}
+    if foreign:
+        log.warning("%s holds %d results from other study settings; the report shows them too", out, len(foreign))
     log.info("study: %d cells, %d already done, %d to run", len(cells), len(cells) - len(todo), len(todo))
     for i, cell in enumerate(todo):
         log.info("study: cell %d/%d: %s", i + 1, len(todo), cell.label)
