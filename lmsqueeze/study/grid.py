@@ -1,0 +1,155 @@
+"""A study's specification and the grid of cells it expands to.
+
+The grid is not a blind product: pruning methods (magnitude, wanda, sparsegpt) vary the sparsity,
+quantizers (gptq, rtn) vary the bits, and data-free methods (magnitude, rtn) run once rather than
+once per calibration source (their result does not depend on it). One "dense" cell, the base model
+evaluated on the same tasks, comes first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmsqueeze.errors import LmsqueezeError
+
+PRUNERS = ("magnitude", "wanda", "sparsegpt")
+QUANTIZERS = ("gptq", "rtn")
+DATA_FREE = ("magnitude", "rtn")
+METHODS = PRUNERS + QUANTIZERS
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """Everything that defines a study; every field is also a `lmsqueeze study` flag (kebab-case)."""
+    model: str
+    methods: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
+    sparsity: tuple[str, ...] = ("0.5",)
+    bits: tuple[int, ...] = (4,)
+    calib: tuple[str, ...] = ("wikitext2:valid",)
+    nsamples: int = 128
+    calib_seqlen: int = 2048
+    seed: int = 0
+    suite: str | None = "core"
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    eval_seqlen: int = 512
+    batch_tokens: int = 4096
+    topk: int = 64
+    max_new_tokens: int = 128
+    safety_new_tokens: int = 32
+    group_size: int | None = None
+    dtype: str = "bf16"
+    device: str = "cpu"
+    batch_size: int = 8
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    keep_models: bool = False
+    dense: bool = True
+
+    def __post_init__(self):
+        for name in ("methods", "sparsity", "bits", "calib", "tasks"):
+            v = getattr(self, name)
+            if isinstance(v, (str, int, float)):
+                v = [s.strip() for s in str(v).split(",") if s.strip()]
+            object.__setattr__(self, name, tuple(v))
+        object.__setattr__(self, "sparsity", tuple(str(s) for s in self.sparsity))
+        try:
+            object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
+        except ValueError:
+            raise LmsqueezeError(f"--bits must be integers like 3,4; got {','.join(map(str, self.bits))}") from None
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise LmsqueezeError(f"unknown method(s) {', '.join(bad) or '(none)'}; valid: {', '.join(METHODS)}")
+        if not self.calib and any(m not in DATA_FREE for m in self.methods):
+            raise LmsqueezeError("--calib is empty but wanda/sparsegpt/gptq need calibration data")
+        if self.suite is None and not self.tasks:
+            raise LmsqueezeError("a study needs tasks: --suite core|safety|full and/or --tasks")
+        if self.limit is not None and self.limit < 1:
+            raise LmsqueezeError(f"--limit must be >= 1, got {self.limit}")
+
+    def eval_settings(self) -> dict:
+        """What the evaluation of every cell depends on (part of each cell's identity)."""
+        return {"suite": self.suite, "tasks": list(self.tasks), "limit": self.limit, "seqlen": self.eval_seqlen,
+                "batch_tokens": self.batch_tokens, "topk": self.topk, "max_new_tokens": self.max_new_tokens,
+                "safety_new_tokens": self.safety_new_tokens, "seed": self.seed, "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str                 # a compression method, or "dense" for the base model itself
+    config: dict = field(default_factory=dict)      # the method config's to_dict() ({} for dense)
+    calibration: dict | None = None  # {source, nsamples, seqlen, seed}; None for dense and data-free methods
+    label: str = ""             # "sparsegpt 2:4 wikitext2:valid"
+
+    @property
+    def sparsity(self) -> str | None:
+        return self.config.get("sparsity")
+
+    @property
+    def bits(self) -> int | None:
+        return self.config.get("bits")
+
+    @property
+    def calib(self) -> str | None:
+        return self.calibration["source"] if self.calibration else None
+
+    def key(self, spec: StudySpec) -> str:
+        """A stable hash of everything the cell's result depends on: same key, same result, skipped on resume."""
+        ident = {"model": spec.model, "dtype": spec.dtype, "method": self.method, "config": self.config,
+                 "calibration": self.calibration, "eval": spec.eval_settings()}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _config(method: str, spec: StudySpec, sparsity=None, bits=None) -> dict:
+    from lmsqueeze.compressor import make_config
+
+    group = spec.group_size if method in QUANTIZERS else None
+    return make_config(method, sparsity=sparsity, bits=bits, group_size=group).to_dict()
+
+
+def expand_grid(spec: StudySpec) -> list[Cell]:
+    """The cells of a study in run order: dense first, then method by method (see the module docstring)."""
+    cells = [Cell("dense", label="dense (base model)")] if spec.dense else []
+    for method in spec.methods:
+        variants = ([("sparsity", s) for s in spec.sparsity] if method in PRUNERS
+                    else [("bits", b) for b in spec.bits])
+        if not variants:
+            raise LmsqueezeError(f"method '{method}' needs {'--sparsity' if method in PRUNERS else '--bits'}")
+        calibs = [None] if method in DATA_FREE else list(spec.calib)
+        for kind, value in variants:
+            cfg = _config(method, spec, **{kind: value})  # validates (bad sparsity, bits) before any work
+            for source in calibs:
+                calib = None if source is None else {"source": source, "nsamples": spec.nsamples,
+                                                     "seqlen": spec.calib_seqlen, "seed": spec.seed}
+                what = f"{value}" if kind == "sparsity" else f"{value}-bit"
+                label = f"{method} {what}" + (f" {source}" if source else "")
+                cells.append(Cell(method, cfg, calib, label))
+    return cells
+
+
+def load_study_file(path: str | Path) -> dict:
+    """A study file (YAML or JSON) as a dict of StudySpec fields; keys may use - or _."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmsqueezeError(f"study file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LmsqueezeError(f"study file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise LmsqueezeError(f"study file {path} must hold a mapping of settings, got {type(data).__name__}")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    names = {f.name for f in dataclasses.fields(StudySpec)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise LmsqueezeError(f"study file {path} has unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    return data
