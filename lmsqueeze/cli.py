@@ -163,21 +163,36 @@ def cmd_eval(args) -> int:
 # ---- compress ---------------------------------------------------------------------------------------
 
 def cmd_compress(args) -> int:
+    from lmsqueeze import distributed as ddp
     from lmsqueeze.compressor import compress, make_config, save_compressed
     from lmsqueeze.data import calibration_batches
     from lmsqueeze.models import load_model
 
     config = make_config(args.method, sparsity=args.sparsity, bits=args.bits, group_size=args.group_size,
                          act_order=args.act_order, sym=args.sym, blocksize=args.blocksize, percdamp=args.percdamp)
+    _join_process_group(args)
     model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
     calib = calibration_batches(tok, args.calib, args.nsamples, args.seqlen, args.seed, data_dir=args.data_dir)
     calib_info = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
     report = compress(model, config, calib, device=args.device, batch_size=args.batch_size,
                       calibration_info=calib_info)
-    save_compressed(model, tok, args.output_dir, report, model_name=args.model, extra={"dtype": args.dtype})
-    print(f"compressed {args.model} with {config.describe()} -> {args.output_dir}\n")
-    print(report.summary_markdown())
+    if ddp.is_main():  # every rank holds the same compressed model; one writes it
+        save_compressed(model, tok, args.output_dir, report, model_name=args.model, extra={"dtype": args.dtype})
+        print(f"compressed {args.model} with {config.describe()} -> {args.output_dir}\n")
+        print(report.summary_markdown())
+    ddp.barrier("barrier after saving")
+    ddp.shutdown()
     return 0
+
+
+def _join_process_group(args) -> None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; ranks other than 0 stay quiet."""
+    from lmsqueeze import distributed as ddp
+
+    if ddp.init_from_env(args.device, args.dist_timeout) and not ddp.is_main():
+        from lmsqueeze.progress import set_quiet
+
+        set_quiet(True)
 
 
 # ---- parser -----------------------------------------------------------------------------------------
@@ -247,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default 0)")
     s.add_argument("--data-dir", default=None, help="directory holding the data sets")
     s.add_argument("--output-dir", required=True, help="where the compressed checkpoint is written")
+    s.add_argument("--dist-timeout", type=float, default=None,
+                   help="under torchrun: seconds a rank waits for the others before giving up "
+                        "(default LMSQUEEZE_DIST_TIMEOUT, else 600)")
     s.set_defaults(func=cmd_compress)
     return p
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmsqueeze import distributed as ddp
 from lmsqueeze.compressor.methods import compress_weight
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels import col_sq_norm_update, hessian_finalize, hessian_update
@@ -212,6 +213,19 @@ class _Stat:
         else:
             self.n = col_sq_norm_update(self.value, x, self.n, mask)
 
+    def reduce(self) -> None:
+        """Data parallel: turn every rank's running mean into the mean over all ranks' tokens.
+
+        mean * n is the unnormalised sum (exact count in fp64); the sums and counts are all-reduced
+        and divided by the total. The fast Hessian paths hold only the lower triangle before
+        finish(): reducing both triangles is harmless, only the lower one is read. In place, one
+        statistic at a time (a Hessian may be GBs: no packed copy of the whole layer's statistics).
+        """
+        if not ddp.active():
+            return
+        self.value.mul_(float(self.n))
+        ddp.all_reduce_sum_(self.value, what=f"all-reduce of a {self.kind} statistic")
+
     def finish(self) -> torch.Tensor:
         if self.kind == "hessian":
             hessian_finalize(self.value)
@@ -284,6 +298,16 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
     if ids is not None:
         report.calibration.update(nsamples=int(ids.shape[0]), seqlen=int(ids.shape[1]),
                                   tokens=int(ids.numel() if mask is None else mask.sum()))
+    offset = 0  # global index of this rank's first calibration sample
+    if ddp.active():
+        report.calibration["ranks"] = ddp.world_size()
+        if ids is not None:
+            if ids.shape[0] < ddp.world_size():
+                raise LmsqueezeError(f"{ids.shape[0]} calibration samples cannot be shared by "
+                                     f"{ddp.world_size()} ranks: give at least one per rank")
+            offset, stop = ddp.shard_bounds(ids.shape[0])
+            ids = ids[offset:stop]
+            mask = None if mask is None else mask[offset:stop]
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -306,25 +330,34 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
             bar.set_postfix_str(f"layer {i}: solve")
             originals = {}
             t0 = clock.now()
-            for name, mod in mods.items():
+            solved = {}
+            for k, (name, mod) in enumerate(mods.items()):
                 W = weight_of(mod)
                 if measure_error:
                     originals[name] = W.detach().clone()
+                if k % ddp.world_size() != ddp.rank():
+                    continue  # data parallel: module k is solved by rank k % world, which broadcasts it
                 stat = stats[leader_of[name]].value if stats else None
                 res = compress_weight(W.detach(), stat, config)
                 W.copy_(res.W.to(W.dtype))
+                solved[name] = dict(sparsity=None if res.mask is None else 1.0 - float(res.mask.float().mean()),
+                                    loss=res.loss, percdamp=res.percdamp, dead=res.dead)
+            del stats
+            if ddp.active():
+                for k, (name, mod) in enumerate(mods.items()):
+                    ddp.broadcast_(mod.weight.data, src=k % ddp.world_size(), what=f"broadcast of {name}")
+                solved = dict(ddp.gather_concat(list(solved.items()), what="gather of solve results"))
+            for name, mod in mods.items():
                 stored = weight_of(mod)
                 report.modules.append(ModuleRecord(
-                    name=name, shape=list(stored.shape),
-                    sparsity=None if res.mask is None else 1.0 - float(res.mask.float().mean()),
-                    zeros=float((stored == 0).float().mean()), recon_error=None, loss=res.loss,
-                    percdamp=res.percdamp, dead=res.dead,
+                    name=name, shape=list(stored.shape), zeros=float((stored == 0).float().mean()),
+                    recon_error=None, **solved[name],
                     shares_input_with=leader_of.get(name) if leader_of.get(name) != name else None))
-            del stats
             clock.t["solve"] += clock.now() - t0
             if batches:
                 bar.set_postfix_str(f"layer {i}: propagate")
-                errors = _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, error_samples)
+                errors = _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, error_samples,
+                                    offset)
                 for rec in report.modules[-len(mods):] if mods else []:
                     rec.recon_error = errors.get(rec.name)
                 if errors:
@@ -341,6 +374,10 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
     for p in ("forward", "statistics", "solve", "propagate", "error"):
         report.timings[p] = clock.t[p]
     report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if ddp.active():  # the report speaks for the largest rank; the per-rank figures go into the metadata
+        per_rank = ddp.gather_concat([report.peak_rss_mib], what="gather of peak memory")
+        report.calibration["peak_rss_mib_per_rank"] = per_rank
+        report.peak_rss_mib = max(per_rank)
     if cuda:
         report.peak_cuda_mib = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return report
@@ -475,10 +512,25 @@ def _statistics(layer, mods, batches, kw_i, kind, device, clock):
     if missing:
         raise LmsqueezeError(f"the calibration forward never called {', '.join(missing)}")
     t0 = clock.now()
+    _reduce_stats(stats)
     for s in stats.values():
         s.finish()
     clock.t["statistics"] += clock.now() - t0
     return stats, leader_of
+
+
+def _reduce_stats(stats: dict) -> None:
+    """Data parallel: sums and token counts over every rank (one all-reduce per statistic + one for counts)."""
+    if not ddp.active() or not stats:
+        return
+    dev = next(iter(stats.values())).value.device
+    counts = torch.tensor([float(s.n) for s in stats.values()], dtype=torch.float64, device=dev)
+    ddp.all_reduce_sum_(counts, what="all-reduce of the token counts")
+    for s, total in zip(stats.values(), counts.tolist()):
+        s.reduce()
+        if total > 0:
+            s.value.div_(total)
+        s.n = int(total)
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -486,10 +538,13 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.dtype == b.dtype and a.device == b.device)
 
 
-def _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, error_samples) -> dict[str, float]:
+def _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, error_samples,
+               offset: int = 0) -> dict[str, float]:
     """Replace each batch's hidden states by the compressed layer's outputs; measure the output errors.
 
     error(module) = sum ||(W - W') x||^2 / sum ||W x||^2 over valid tokens, x the module's inputs here.
+    offset: global index of the first sample here (data parallel: the error covers the first
+    error_samples samples of the whole calibration set, whichever rank holds them; sums all-reduced).
     """
     num = defaultdict(float)
     den = defaultdict(float)
@@ -526,11 +581,18 @@ def _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, erro
         seen = 0
         for batch, kw in zip(batches, kw_i):
             current["mask"] = batch["mask"]
-            current["on"] = error_samples is None or seen < error_samples
+            current["on"] = error_samples is None or offset + seen < error_samples
             seen += batch["h"].shape[0]
             batch["h"] = _layer_forward(layer, batch, kw)
     finally:
         for h in handles:
             h.remove()
     clock.t["propagate"] += clock.now() - t_start - (clock.t["error"] - err_before)
+    if measure_error and ddp.active():
+        names = list(deltas)
+        sums = torch.tensor([num[n] for n in names] + [den[n] for n in names], dtype=torch.float64,
+                            device=next(layer.parameters()).device)
+        ddp.all_reduce_sum_(sums, what="all-reduce of the output errors")
+        for j, n in enumerate(names):
+            num[n], den[n] = float(sums[j]), float(sums[len(names) + j])
     return {n: (num[n] / den[n] if den[n] > 0 else 0.0) for n in deltas} if measure_error else {}
