@@ -146,11 +146,18 @@ def cmd_eval(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from lmsqueeze import distributed as ddp
+
+    _join_process_group(args)  # under torchrun: loglik requests are shared out across the ranks
     report = evaluate(args.model, tasks=core + safety, base=args.base, seqlen=args.seqlen, limit=args.limit,
                       batch_tokens=args.batch_tokens, topk=args.topk, max_new_tokens=args.max_new_tokens,
                       data_dir=args.data_dir, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir,
                       reuse_cache=not args.no_cache, seed=args.seed,
                       safety_options={"max_new_tokens": args.safety_new_tokens})
+    main_rank = ddp.is_main()  # every rank holds the whole report; rank 0 shows and writes it
+    ddp.shutdown()
+    if not main_rank:
+        return 0
     if report["results"]:
         print(render_markdown(report))
     if "safety" in report:
@@ -240,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-dir", default=None, help="where base-model caches live (default LMSQUEEZE_CACHE/eval-base)")
     s.add_argument("--no-cache", action="store_true", help="recompute the base model's outputs even if cached")
     s.add_argument("--output", default=None, help="write the full report (per-item results) as JSON here")
+    s.add_argument("--dist-timeout", type=float, default=None,
+                   help="under torchrun: seconds a rank waits for the others before giving up "
+                        "(default LMSQUEEZE_DIST_TIMEOUT, else 600)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("compress", help="compress a model and save a Hugging Face checkpoint")

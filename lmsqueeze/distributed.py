@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -63,8 +64,23 @@ def init_from_env(device: str | torch.device = "cpu", timeout_s: float | None = 
     return True
 
 
+_local_depth = 0
+
+
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """A process group of more than one rank, outside any `local()` block."""
+    return _local_depth == 0 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def local():
+    """`with local():` the code inside works on this rank's shard alone (nested calls do not shard again)."""
+    global _local_depth
+    _local_depth += 1
+    try:
+        yield
+    finally:
+        _local_depth -= 1
 
 
 def rank() -> int:

@@ -166,3 +166,69 @@ def test_torchrun_stops_when_a_rank_dies(tmp_path):
     assert res.returncode != 0
     assert "rank 1 dies on purpose" in res.stderr or "rank 1 dies on purpose" in res.stdout
     assert not (tmp_path / "out").exists()
+
+
+EVAL_TASKS = "ppl:pydoc,piqa"
+
+
+def _mc_file(tmp) -> str:
+    path = Path(tmp, "mc.jsonl")
+    g = torch.Generator().manual_seed(3)
+    lines = []
+    for i in range(7):  # odd: the ranks hold 3 and 4 items
+        n = 2 + i % 3
+        words = ["red", "blue", "green", "seven", "cat", "walks", "the", "river", "of", "stone"]
+        pick = torch.randint(0, len(words), (n, 3), generator=g).tolist()
+        lines.append(json.dumps({"context": f"Item {i}: which one?", "choices": [" ".join(words[j] for j in p)
+                                                                                  for p in pick], "label": i % n}))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _eval_worker(rank, world, port, out_dir, mc):
+    from lmsqueeze import distributed as ddp
+    from lmsqueeze.evaluation.api import evaluate
+
+    _env(rank, world, port)
+    ddp.init_from_env("cpu", timeout_s=60)
+    try:
+        rep = evaluate("tiny-llama", tasks=f"{EVAL_TASKS},mc:{mc}", seqlen=48, limit=11, batch_tokens=256)
+        Path(out_dir, f"eval-{rank}.json").write_text(json.dumps(rep["results"]))
+    finally:
+        ddp.shutdown()
+
+
+def test_sharded_evaluation_equals_one_process(tmp_path):
+    from lmsqueeze.evaluation.api import evaluate
+
+    mc = _mc_file(tmp_path)
+    _spawn(_eval_worker, str(tmp_path), mc)
+    torch.set_num_threads(1)
+    want = evaluate("tiny-llama", tasks=f"{EVAL_TASKS},mc:{mc}", seqlen=48, limit=11, batch_tokens=256)["results"]
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"eval-{rank}.json").read_text())
+        assert [r["task"] for r in got] == [r["task"] for r in want]
+        for g, w in zip(got, want):
+            assert len(g["items"]) == len(w["items"]) == (11 if g["task"] != f"mc:{mc}" else 7)
+            for key, val in w["summary"].items():
+                if isinstance(val, float):
+                    assert g["summary"][key] == pytest.approx(val, rel=1e-5), (g["task"], key)
+                else:
+                    assert g["summary"][key] == val, (g["task"], key)
+            for gi, wi in zip(g["items"], w["items"]):
+                for key, val in wi.items():
+                    if isinstance(val, float):
+                        assert gi[key] == pytest.approx(val, rel=1e-5, abs=1e-6), (g["task"], key)
+                    elif isinstance(val, list):
+                        assert gi[key] == pytest.approx(val, rel=1e-5, abs=1e-6), (g["task"], key)
+                    else:
+                        assert gi[key] == val, (g["task"], key)
+
+
+def test_torchrun_cli_eval(tmp_path):
+    out = tmp_path / "report.json"
+    res = _torchrun(["-m", "lmsqueeze", "--quiet", "eval", "--model", "tiny-llama", "--tasks", "ppl:pydoc",
+                     "--seqlen", "64", "--limit", "5", "--output", str(out)], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("ppl:pydoc") >= 1
+    assert len(json.loads(out.read_text())["results"][0]["items"]) == 5
