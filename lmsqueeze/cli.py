@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import sys
+from pathlib import Path
 
 from lmsqueeze.errors import LmsqueezeError
 
@@ -178,15 +179,32 @@ def cmd_compress(args) -> int:
     config = make_config(args.method, sparsity=args.sparsity, bits=args.bits, group_size=args.group_size,
                          act_order=args.act_order, sym=args.sym, blocksize=args.blocksize, percdamp=args.percdamp)
     _join_process_group(args)
+    from lmsqueeze.compressor.offload import DiskOffload, check_mode
+
+    check_mode(args.offload)
     model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
+    offload = None
+    if args.offload == "disk":  # the layers go to safetensors files; one at a time comes back
+        import tempfile
+
+        parent = Path(args.offload_dir or Path(args.output_dir).resolve().parent)
+        parent.mkdir(parents=True, exist_ok=True)
+        offload = DiskOffload.from_model(model, tempfile.mkdtemp(prefix=".lmsqueeze-offload-", dir=parent))
     calib = calibration_batches(tok, args.calib, args.nsamples, args.seqlen, args.seed, data_dir=args.data_dir)
     calib_info = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
-    report = compress(model, config, calib, device=args.device, batch_size=args.batch_size,
-                      calibration_info=calib_info)
-    if ddp.is_main():  # every rank holds the same compressed model; one writes it
-        save_compressed(model, tok, args.output_dir, report, model_name=args.model, extra={"dtype": args.dtype})
-        print(f"compressed {args.model} with {config.describe()} -> {args.output_dir}\n")
-        print(report.summary_markdown())
+    try:
+        report = compress(model, config, calib, device=args.device, batch_size=args.batch_size,
+                          calibration_info=calib_info, offload=offload)
+        if args.offload == "cpu":
+            report.offload = "cpu"
+        if ddp.is_main():  # every rank holds the same compressed model; one writes it
+            save_compressed(model, tok, args.output_dir, report, model_name=args.model,
+                            extra={"dtype": args.dtype}, offload=offload)
+            print(f"compressed {args.model} with {config.describe()} -> {args.output_dir}\n")
+            print(report.summary_markdown())
+    finally:
+        if offload is not None:
+            offload.cleanup()
     ddp.barrier("barrier after saving")
     ddp.shutdown()
     return 0
@@ -275,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dist-timeout", type=float, default=None,
                    help="under torchrun: seconds a rank waits for the others before giving up "
                         "(default LMSQUEEZE_DIST_TIMEOUT, else 600)")
+    s.add_argument("--offload", default="none", choices=["none", "cpu", "disk"],
+                   help="where the layers wait: none/cpu = CPU memory (one layer at a time on --device), "
+                        "disk = safetensors files, one layer in memory at a time (default none)")
+    s.add_argument("--offload-dir", default=None,
+                   help="work directory for --offload disk (default: beside --output-dir)")
     s.set_defaults(func=cmd_compress)
     return p
 

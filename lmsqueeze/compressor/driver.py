@@ -65,6 +65,7 @@ class CompressionReport:
     peak_cuda_mib: float | None = None
     calibration: dict = field(default_factory=dict)
     device: str = "cpu"
+    offload: str = "none"
     dtype: str = ""
     num_layers: int = 0
 
@@ -86,7 +87,8 @@ class CompressionReport:
             f"| {self.config.get('method')} {_describe(self.config)} | {len(self.modules)} | "
             f"{'-' if sp is None else f'{sp:.4f}'} | {'-' if err is None else f'{err:.4g}'} | "
             + " | ".join(f"{t[p]:.1f} s" for p in PHASES)
-            + f" | {total:.1f} s | {self.peak_rss_mib:.0f} MiB | "
+            + f" | {total:.1f} s | {self.peak_rss_mib:.0f} MiB"
+            + (f" ({self.offload} offload)" if self.offload != "none" else "") + " | "
             + ("-" if self.peak_cuda_mib is None else f"{self.peak_cuda_mib:.0f} MiB") + " |",
         ]
         return "\n".join(lines)
@@ -257,7 +259,7 @@ class _Clock:
 @torch.no_grad()
 def compress(model, config, calibration=None, *, device: str | torch.device | None = None, batch_size: int = 8,
              measure_error: bool = True, error_samples: int | None = 8,
-             calibration_info: dict | None = None) -> CompressionReport:
+             calibration_info: dict | None = None, offload=None) -> CompressionReport:
     """Compress `model` in place with `config`; returns a CompressionReport.
 
     calibration: a [nsamples, seqlen] token tensor, or a dict with input_ids and attention_mask (0 = padding);
@@ -267,6 +269,16 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
     measure_error: measure each module's relative output error during the propagate forward, on the
         first `error_samples` calibration samples (None: all). It costs one extra GEMM per module and
         sample, so by default it looks at 8 samples (one batch); every method is measured on the same ones.
+    offload: a compressor.offload.DiskOffload holding the decoder layers on disk (each is fetched onto
+        `device`, compressed, written back and dropped); None: layers live in memory.
+
+    Data parallel (torch.distributed initialised with more than one rank, e.g. under torchrun): each
+    rank takes its contiguous block of the calibration samples, accumulates its own statistics, and
+    the statistics are all-reduced as sums (fp32) with their token counts (fp64) before they are
+    normalised, so every rank sees the statistic of all samples. The modules of a layer are solved
+    round-robin (module k by rank k % world) and broadcast, so masks and weights are identical on
+    every rank by construction and the solve work is shared; each rank then propagates its shard.
+    The result equals one process on the same samples up to fp32 summation order.
     """
     check_causal_lm(model)
     if batch_size < 1:
@@ -274,7 +286,9 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
     layers = find_decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
     home = next(layers.parameters()).device
-    device = torch.device(device) if device is not None else home
+    if home.type == "meta" and offload is None:
+        raise LmsqueezeError("the decoder layers hold no data (meta tensors): pass the DiskOffload that holds them")
+    device = torch.device(device) if device is not None else (torch.device("cpu") if offload is not None else home)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LmsqueezeError("--device cuda was asked for but torch sees no CUDA device")
     dtype = next(layers.parameters()).dtype
@@ -293,6 +307,7 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
             raise LmsqueezeError(f"{config.method} needs calibration data (or measure_error=False for data-free methods)")
         ids, mask = _calibration(calibration)
     report = CompressionReport(method=config.method, config=config.to_dict(), device=str(device),
+                               offload="disk" if offload is not None else "none",
                                dtype=str(dtype).removeprefix("torch."), num_layers=len(layers))
     report.calibration = dict(calibration_info or {})
     if ids is not None:
@@ -316,11 +331,16 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     try:
-        batches = _capture(model, layers, ids, mask, batch_size, device, home, clock) if needs_data else []
+        # the parts outside the layers (embeddings, head) stay in memory even when the layers are offloaded
+        rest_home = next((p.device for n, p in model.named_parameters() if not n.startswith(prefix + ".")), home)
+        batches = _capture(model, layers, ids, mask, batch_size, device, rest_home, clock) if needs_data else []
         bar = progress(range(len(layers)), desc=f"{config.method}", unit="layer", leave=True)
         for i in bar:
             layer = layers[i]
-            layer.to(device)
+            if offload is not None:
+                offload.fetch(i, device)
+            else:
+                layer.to(device)
             mods = targets[i]
             kw_i = _kwargs_for(model, i, batches)
             stats, leader_of = ({}, {})
@@ -362,8 +382,11 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
                     rec.recon_error = errors.get(rec.name)
                 if errors:
                     bar.set_postfix_str(f"layer {i}: err {sum(errors.values()) / len(errors):.3g}")
-            layer.to(home)
             del originals
+            if offload is not None:
+                offload.release(i)
+            else:
+                layer.to(home)
             log.info("layer %d: %s", i, ", ".join(
                 f"{r.name.rsplit('.', 1)[-1]} err={r.recon_error if r.recon_error is None else f'{r.recon_error:.3g}'}"
                 for r in report.modules[-len(mods):]) if mods else "nothing selected")
