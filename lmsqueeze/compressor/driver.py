@@ -572,8 +572,8 @@ def _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, erro
     num = defaultdict(float)
     den = defaultdict(float)
     current = {"mask": None, "on": False}
-    deltas = {name: (originals[name] - weight_of(mod)).to(weight_of(mod).dtype) for name, mod in mods.items()
-              if name in originals}
+    # W - W' in the originals' own storage (one copy of the layer's weights, not two)
+    deltas = {name: originals.pop(name).sub_(weight_of(mod)) for name, mod in mods.items() if name in originals}
 
     def make_hook(name, mod):
         def hook(module, inputs, output):

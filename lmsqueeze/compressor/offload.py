@@ -96,6 +96,7 @@ class DiskOffload:
         self.bytes_written += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors, sd
         layer.to("meta")
+        _trim()
 
     def fetch(self, i: int, device: torch.device) -> None:
         """Materialise layer i on `device` from its file (memory-mapped read)."""
@@ -157,6 +158,25 @@ class DiskOffload:
     def cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+
+def _trim() -> None:
+    """Hand freed heap memory back to the OS (glibc): layer-sized tensors freed one after another
+    otherwise stay in the allocator's arenas (its mmap threshold adapts upward to their size), and the
+    resident memory grows with every layer although only one is alive."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 _SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
