@@ -78,15 +78,23 @@ def _compare(a: Path, b: Path, exact: bool) -> str:
     ta, tb = tensors(a), tensors(b)
     if ta.keys() != tb.keys():
         return "FAILED: different tensors"
-    worst = 0.0
+    worst, flipped, total = 0.0, 0, 0
     for k in ta:
-        if not torch.equal(ta[k] == 0, tb[k] == 0):
-            return f"FAILED: masks differ in {k}"
+        flipped += int(((ta[k] == 0) != (tb[k] == 0)).sum())
+        total += ta[k].numel()
         if exact and not torch.equal(ta[k], tb[k]):
             return f"FAILED: {k} differs"
         diff = (ta[k].float() - tb[k].float()).abs().max().item()
         worst = max(worst, diff / max(ta[k].float().abs().max().item(), 1e-30))
-    return "identical" if worst == 0 else f"same masks, max rel. diff {worst:.1e}"
+    if worst == 0:
+        return "identical"
+    # SparseGPT picks each block's mask from OBS-updated weights: a near-tie can flip under a different
+    # fp32 summation order of H, and the flip changes later updates. More than MAX_FLIPPED is a bug.
+    status = "FAILED: " if flipped > MAX_FLIPPED * total else ""
+    return f"{status}mask entries differing {flipped} of {total} ({flipped / total:.1e}), max rel. weight diff {worst:.1e}"
+
+
+MAX_FLIPPED = 1e-3  # fraction of weights whose kept/pruned state may differ between 1 and 2 processes
 
 
 # ---- offload ----------------------------------------------------------------------------------------
