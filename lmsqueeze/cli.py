@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import sys
+from pathlib import Path
 
 from lmsqueeze.errors import LmsqueezeError
 
@@ -146,11 +147,18 @@ def cmd_eval(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from lmsqueeze import distributed as ddp
+
+    _join_process_group(args)  # under torchrun: loglik requests are shared out across the ranks
     report = evaluate(args.model, tasks=core + safety, base=args.base, seqlen=args.seqlen, limit=args.limit,
                       batch_tokens=args.batch_tokens, topk=args.topk, max_new_tokens=args.max_new_tokens,
                       data_dir=args.data_dir, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir,
                       reuse_cache=not args.no_cache, seed=args.seed,
                       safety_options={"max_new_tokens": args.safety_new_tokens})
+    main_rank = ddp.is_main()  # every rank holds the whole report; rank 0 shows and writes it
+    ddp.shutdown()
+    if not main_rank:
+        return 0
     if report["results"]:
         print(render_markdown(report))
     if "safety" in report:
@@ -163,20 +171,42 @@ def cmd_eval(args) -> int:
 # ---- compress ---------------------------------------------------------------------------------------
 
 def cmd_compress(args) -> int:
+    from lmsqueeze import distributed as ddp
     from lmsqueeze.compressor import compress, make_config, save_compressed
     from lmsqueeze.data import calibration_batches
     from lmsqueeze.models import load_model
 
     config = make_config(args.method, sparsity=args.sparsity, bits=args.bits, group_size=args.group_size,
                          act_order=args.act_order, sym=args.sym, blocksize=args.blocksize, percdamp=args.percdamp)
+    _join_process_group(args)
+    from lmsqueeze.compressor.offload import DiskOffload, check_mode
+
+    check_mode(args.offload)
     model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
+    offload = None
+    if args.offload == "disk":  # the layers go to safetensors files; one at a time comes back
+        import tempfile
+
+        parent = Path(args.offload_dir or Path(args.output_dir).resolve().parent)
+        parent.mkdir(parents=True, exist_ok=True)
+        offload = DiskOffload.from_model(model, tempfile.mkdtemp(prefix=".lmsqueeze-offload-", dir=parent))
     calib = calibration_batches(tok, args.calib, args.nsamples, args.seqlen, args.seed, data_dir=args.data_dir)
     calib_info = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
-    report = compress(model, config, calib, device=args.device, batch_size=args.batch_size,
-                      calibration_info=calib_info)
-    save_compressed(model, tok, args.output_dir, report, model_name=args.model, extra={"dtype": args.dtype})
-    print(f"compressed {args.model} with {config.describe()} -> {args.output_dir}\n")
-    print(report.summary_markdown())
+    try:
+        report = compress(model, config, calib, device=args.device, batch_size=args.batch_size,
+                          calibration_info=calib_info, offload=offload)
+        if args.offload == "cpu":
+            report.offload = "cpu"
+        if ddp.is_main():  # every rank holds the same compressed model; one writes it
+            save_compressed(model, tok, args.output_dir, report, model_name=args.model,
+                            extra={"dtype": args.dtype}, offload=offload)
+            print(f"compressed {args.model} with {config.describe()} -> {args.output_dir}\n")
+            print(report.summary_markdown())
+    finally:
+        if offload is not None:
+            offload.cleanup()
+    ddp.barrier("barrier after saving")
+    ddp.shutdown()
     return 0
 
 
@@ -229,6 +259,14 @@ def cmd_report(args) -> int:
     path = write_report(args.dir, plots=not args.no_plots)
     print(render_table(read_results(args.dir)) + f"\n\nreport: {path}")
     return 0
+def _join_process_group(args) -> None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; ranks other than 0 stay quiet."""
+    from lmsqueeze import distributed as ddp
+
+    if ddp.init_from_env(args.device, args.dist_timeout) and not ddp.is_main():
+        from lmsqueeze.progress import set_quiet
+
+        set_quiet(True)
 
 
 # ---- parser -----------------------------------------------------------------------------------------
@@ -276,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-dir", default=None, help="where base-model caches live (default LMSQUEEZE_CACHE/eval-base)")
     s.add_argument("--no-cache", action="store_true", help="recompute the base model's outputs even if cached")
     s.add_argument("--output", default=None, help="write the full report (per-item results) as JSON here")
+    s.add_argument("--dist-timeout", type=float, default=None,
+                   help="under torchrun: seconds a rank waits for the others before giving up "
+                        "(default LMSQUEEZE_DIST_TIMEOUT, else 600)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("compress", help="compress a model and save a Hugging Face checkpoint")
@@ -298,6 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default 0)")
     s.add_argument("--data-dir", default=None, help="directory holding the data sets")
     s.add_argument("--output-dir", required=True, help="where the compressed checkpoint is written")
+    s.add_argument("--dist-timeout", type=float, default=None,
+                   help="under torchrun: seconds a rank waits for the others before giving up "
+                        "(default LMSQUEEZE_DIST_TIMEOUT, else 600)")
+    s.add_argument("--offload", default="none", choices=["none", "cpu", "disk"],
+                   help="where the layers wait: none/cpu = CPU memory (one layer at a time on --device), "
+                        "disk = safetensors files, one layer in memory at a time (default none)")
+    s.add_argument("--offload-dir", default=None,
+                   help="work directory for --offload disk (default: beside --output-dir)")
     s.set_defaults(func=cmd_compress)
 
     s = sub.add_parser("study", help="compress and evaluate a grid of methods x sparsities x calibration sources; "

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmsqueeze import distributed as ddp
 from lmsqueeze.compressor.methods import compress_weight
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels import col_sq_norm_update, hessian_finalize, hessian_update
@@ -64,6 +65,7 @@ class CompressionReport:
     peak_cuda_mib: float | None = None
     calibration: dict = field(default_factory=dict)
     device: str = "cpu"
+    offload: str = "none"
     dtype: str = ""
     num_layers: int = 0
 
@@ -85,7 +87,8 @@ class CompressionReport:
             f"| {self.config.get('method')} {_describe(self.config)} | {len(self.modules)} | "
             f"{'-' if sp is None else f'{sp:.4f}'} | {'-' if err is None else f'{err:.4g}'} | "
             + " | ".join(f"{t[p]:.1f} s" for p in PHASES)
-            + f" | {total:.1f} s | {self.peak_rss_mib:.0f} MiB | "
+            + f" | {total:.1f} s | {self.peak_rss_mib:.0f} MiB"
+            + (f" ({self.offload} offload)" if self.offload != "none" else "") + " | "
             + ("-" if self.peak_cuda_mib is None else f"{self.peak_cuda_mib:.0f} MiB") + " |",
         ]
         return "\n".join(lines)
@@ -212,6 +215,19 @@ class _Stat:
         else:
             self.n = col_sq_norm_update(self.value, x, self.n, mask)
 
+    def reduce(self) -> None:
+        """Data parallel: turn every rank's running mean into the mean over all ranks' tokens.
+
+        mean * n is the unnormalised sum (exact count in fp64); the sums and counts are all-reduced
+        and divided by the total. The fast Hessian paths hold only the lower triangle before
+        finish(): reducing both triangles is harmless, only the lower one is read. In place, one
+        statistic at a time (a Hessian may be GBs: no packed copy of the whole layer's statistics).
+        """
+        if not ddp.active():
+            return
+        self.value.mul_(float(self.n))
+        ddp.all_reduce_sum_(self.value, what=f"all-reduce of a {self.kind} statistic")
+
     def finish(self) -> torch.Tensor:
         if self.kind == "hessian":
             hessian_finalize(self.value)
@@ -243,7 +259,7 @@ class _Clock:
 @torch.no_grad()
 def compress(model, config, calibration=None, *, device: str | torch.device | None = None, batch_size: int = 8,
              measure_error: bool = True, error_samples: int | None = 8,
-             calibration_info: dict | None = None) -> CompressionReport:
+             calibration_info: dict | None = None, offload=None) -> CompressionReport:
     """Compress `model` in place with `config`; returns a CompressionReport.
 
     calibration: a [nsamples, seqlen] token tensor, or a dict with input_ids and attention_mask (0 = padding);
@@ -253,6 +269,16 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
     measure_error: measure each module's relative output error during the propagate forward, on the
         first `error_samples` calibration samples (None: all). It costs one extra GEMM per module and
         sample, so by default it looks at 8 samples (one batch); every method is measured on the same ones.
+    offload: a compressor.offload.DiskOffload holding the decoder layers on disk (each is fetched onto
+        `device`, compressed, written back and dropped); None: layers live in memory.
+
+    Data parallel (torch.distributed initialised with more than one rank, e.g. under torchrun): each
+    rank takes its contiguous block of the calibration samples, accumulates its own statistics, and
+    the statistics are all-reduced as sums (fp32) with their token counts (fp64) before they are
+    normalised, so every rank sees the statistic of all samples. The modules of a layer are solved
+    round-robin (module k by rank k % world) and broadcast, so masks and weights are identical on
+    every rank by construction and the solve work is shared; each rank then propagates its shard.
+    The result equals one process on the same samples up to fp32 summation order.
     """
     check_causal_lm(model)
     if batch_size < 1:
@@ -260,7 +286,9 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
     layers = find_decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
     home = next(layers.parameters()).device
-    device = torch.device(device) if device is not None else home
+    if home.type == "meta" and offload is None:
+        raise LmsqueezeError("the decoder layers hold no data (meta tensors): pass the DiskOffload that holds them")
+    device = torch.device(device) if device is not None else (torch.device("cpu") if offload is not None else home)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LmsqueezeError("--device cuda was asked for but torch sees no CUDA device")
     dtype = next(layers.parameters()).dtype
@@ -279,11 +307,22 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
             raise LmsqueezeError(f"{config.method} needs calibration data (or measure_error=False for data-free methods)")
         ids, mask = _calibration(calibration)
     report = CompressionReport(method=config.method, config=config.to_dict(), device=str(device),
+                               offload="disk" if offload is not None else "none",
                                dtype=str(dtype).removeprefix("torch."), num_layers=len(layers))
     report.calibration = dict(calibration_info or {})
     if ids is not None:
         report.calibration.update(nsamples=int(ids.shape[0]), seqlen=int(ids.shape[1]),
                                   tokens=int(ids.numel() if mask is None else mask.sum()))
+    offset = 0  # global index of this rank's first calibration sample
+    if ddp.active():
+        report.calibration["ranks"] = ddp.world_size()
+        if ids is not None:
+            if ids.shape[0] < ddp.world_size():
+                raise LmsqueezeError(f"{ids.shape[0]} calibration samples cannot be shared by "
+                                     f"{ddp.world_size()} ranks: give at least one per rank")
+            offset, stop = ddp.shard_bounds(ids.shape[0])
+            ids = ids[offset:stop]
+            mask = None if mask is None else mask[offset:stop]
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -292,11 +331,16 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     try:
-        batches = _capture(model, layers, ids, mask, batch_size, device, home, clock) if needs_data else []
+        # the parts outside the layers (embeddings, head) stay in memory even when the layers are offloaded
+        rest_home = next((p.device for n, p in model.named_parameters() if not n.startswith(prefix + ".")), home)
+        batches = _capture(model, layers, ids, mask, batch_size, device, rest_home, clock) if needs_data else []
         bar = progress(range(len(layers)), desc=f"{config.method}", unit="layer", leave=True)
         for i in bar:
             layer = layers[i]
-            layer.to(device)
+            if offload is not None:
+                offload.fetch(i, device)
+            else:
+                layer.to(device)
             mods = targets[i]
             kw_i = _kwargs_for(model, i, batches)
             stats, leader_of = ({}, {})
@@ -306,31 +350,43 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
             bar.set_postfix_str(f"layer {i}: solve")
             originals = {}
             t0 = clock.now()
-            for name, mod in mods.items():
+            solved = {}
+            for k, (name, mod) in enumerate(mods.items()):
                 W = weight_of(mod)
                 if measure_error:
                     originals[name] = W.detach().clone()
+                if k % ddp.world_size() != ddp.rank():
+                    continue  # data parallel: module k is solved by rank k % world, which broadcasts it
                 stat = stats[leader_of[name]].value if stats else None
                 res = compress_weight(W.detach(), stat, config)
                 W.copy_(res.W.to(W.dtype))
+                solved[name] = dict(sparsity=None if res.mask is None else 1.0 - float(res.mask.float().mean()),
+                                    loss=res.loss, percdamp=res.percdamp, dead=res.dead)
+            del stats
+            if ddp.active():
+                for k, (name, mod) in enumerate(mods.items()):
+                    ddp.broadcast_(mod.weight.data, src=k % ddp.world_size(), what=f"broadcast of {name}")
+                solved = dict(ddp.gather_concat(list(solved.items()), what="gather of solve results"))
+            for name, mod in mods.items():
                 stored = weight_of(mod)
                 report.modules.append(ModuleRecord(
-                    name=name, shape=list(stored.shape),
-                    sparsity=None if res.mask is None else 1.0 - float(res.mask.float().mean()),
-                    zeros=float((stored == 0).float().mean()), recon_error=None, loss=res.loss,
-                    percdamp=res.percdamp, dead=res.dead,
+                    name=name, shape=list(stored.shape), zeros=float((stored == 0).float().mean()),
+                    recon_error=None, **solved[name],
                     shares_input_with=leader_of.get(name) if leader_of.get(name) != name else None))
-            del stats
             clock.t["solve"] += clock.now() - t0
             if batches:
                 bar.set_postfix_str(f"layer {i}: propagate")
-                errors = _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, error_samples)
+                errors = _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, error_samples,
+                                    offset)
                 for rec in report.modules[-len(mods):] if mods else []:
                     rec.recon_error = errors.get(rec.name)
                 if errors:
                     bar.set_postfix_str(f"layer {i}: err {sum(errors.values()) / len(errors):.3g}")
-            layer.to(home)
             del originals
+            if offload is not None:
+                offload.release(i)
+            else:
+                layer.to(home)
             log.info("layer %d: %s", i, ", ".join(
                 f"{r.name.rsplit('.', 1)[-1]} err={r.recon_error if r.recon_error is None else f'{r.recon_error:.3g}'}"
                 for r in report.modules[-len(mods):]) if mods else "nothing selected")
@@ -341,6 +397,10 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
     for p in ("forward", "statistics", "solve", "propagate", "error"):
         report.timings[p] = clock.t[p]
     report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if ddp.active():  # the report speaks for the largest rank; the per-rank figures go into the metadata
+        per_rank = ddp.gather_concat([report.peak_rss_mib], what="gather of peak memory")
+        report.calibration["peak_rss_mib_per_rank"] = per_rank
+        report.peak_rss_mib = max(per_rank)
     if cuda:
         report.peak_cuda_mib = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return report
@@ -475,10 +535,25 @@ def _statistics(layer, mods, batches, kw_i, kind, device, clock):
     if missing:
         raise LmsqueezeError(f"the calibration forward never called {', '.join(missing)}")
     t0 = clock.now()
+    _reduce_stats(stats)
     for s in stats.values():
         s.finish()
     clock.t["statistics"] += clock.now() - t0
     return stats, leader_of
+
+
+def _reduce_stats(stats: dict) -> None:
+    """Data parallel: sums and token counts over every rank (one all-reduce per statistic + one for counts)."""
+    if not ddp.active() or not stats:
+        return
+    dev = next(iter(stats.values())).value.device
+    counts = torch.tensor([float(s.n) for s in stats.values()], dtype=torch.float64, device=dev)
+    ddp.all_reduce_sum_(counts, what="all-reduce of the token counts")
+    for s, total in zip(stats.values(), counts.tolist()):
+        s.reduce()
+        if total > 0:
+            s.value.div_(total)
+        s.n = int(total)
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -486,16 +561,19 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.dtype == b.dtype and a.device == b.device)
 
 
-def _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, error_samples) -> dict[str, float]:
+def _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, error_samples,
+               offset: int = 0) -> dict[str, float]:
     """Replace each batch's hidden states by the compressed layer's outputs; measure the output errors.
 
     error(module) = sum ||(W - W') x||^2 / sum ||W x||^2 over valid tokens, x the module's inputs here.
+    offset: global index of the first sample here (data parallel: the error covers the first
+    error_samples samples of the whole calibration set, whichever rank holds them; sums all-reduced).
     """
     num = defaultdict(float)
     den = defaultdict(float)
     current = {"mask": None, "on": False}
-    deltas = {name: (originals[name] - weight_of(mod)).to(weight_of(mod).dtype) for name, mod in mods.items()
-              if name in originals}
+    # W - W' in the originals' own storage (one copy of the layer's weights, not two)
+    deltas = {name: originals.pop(name).sub_(weight_of(mod)) for name, mod in mods.items() if name in originals}
 
     def make_hook(name, mod):
         def hook(module, inputs, output):
@@ -526,11 +604,18 @@ def _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, erro
         seen = 0
         for batch, kw in zip(batches, kw_i):
             current["mask"] = batch["mask"]
-            current["on"] = error_samples is None or seen < error_samples
+            current["on"] = error_samples is None or offset + seen < error_samples
             seen += batch["h"].shape[0]
             batch["h"] = _layer_forward(layer, batch, kw)
     finally:
         for h in handles:
             h.remove()
     clock.t["propagate"] += clock.now() - t_start - (clock.t["error"] - err_before)
+    if measure_error and ddp.active():
+        names = list(deltas)
+        sums = torch.tensor([num[n] for n in names] + [den[n] for n in names], dtype=torch.float64,
+                            device=next(layer.parameters()).device)
+        ddp.all_reduce_sum_(sums, what="all-reduce of the output errors")
+        for j, n in enumerate(names):
+            num[n], den[n] = float(sums[j]), float(sums[len(names) + j])
     return {n: (num[n] / den[n] if den[n] > 0 else 0.0) for n in deltas} if measure_error else {}

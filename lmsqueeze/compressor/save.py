@@ -42,12 +42,15 @@ def _versions() -> dict:
 
 
 def save_compressed(model, tokenizer, directory: str | os.PathLike, report=None, *, config=None,
-                    calibration: dict | None = None, model_name: str | None = None, extra: dict | None = None) -> dict:
+                    calibration: dict | None = None, model_name: str | None = None, extra: dict | None = None,
+                    offload=None) -> dict:
     """Write `model` (and `tokenizer`, if given) to `directory` atomically; returns the metadata written.
 
     report: the CompressionReport from compress() (its config, modules, timings and calibration are
     recorded); config / calibration may be given instead or in addition. An existing directory is
     replaced only once the new one is complete.
+    offload: the DiskOffload holding the layers (compress with offload): its layer files become the
+    checkpoint's shards, no layer is loaded again.
     """
     target = Path(directory).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +68,10 @@ def save_compressed(model, tokenizer, directory: str | os.PathLike, report=None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         t0 = time.perf_counter()
-        model.save_pretrained(tmp)
+        if offload is not None:
+            offload.save_weights(model, tmp)
+        else:
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         meta.setdefault("timings", {})["save"] = time.perf_counter() - t0

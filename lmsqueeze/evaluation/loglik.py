@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from lmsqueeze import distributed as _ddp
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.progress import progress
 
@@ -184,6 +185,13 @@ def loglik(model, requests, batch_tokens: int = 4096, token_logprobs: bool = Fal
     if batch_tokens < 1:
         raise LmsqueezeError(f"batch_tokens must be >= 1, got {batch_tokens}")
     reqs = _check_requests(model, requests)
+    if on_rows is None and _ddp.active():
+        # data parallel (torchrun): each rank scores its contiguous block of requests; the results are
+        # gathered in rank order, so every rank returns the single-process list
+        start, stop = _ddp.shard_bounds(len(reqs))
+        with _ddp.local():
+            mine = loglik(model, reqs[start:stop], batch_tokens, token_logprobs, None, shared_context, desc)
+        return _ddp.gather_concat(mine, what=f"gather of {desc} results")
     scorer = _Scorer(model, len(reqs), token_logprobs, on_rows)
     if not reqs:
         return []
