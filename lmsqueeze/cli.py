@@ -259,6 +259,8 @@ def cmd_report(args) -> int:
     path = write_report(args.dir, plots=not args.no_plots)
     print(render_table(read_results(args.dir)) + f"\n\nreport: {path}")
     return 0
+
+
 def _join_process_group(args) -> None:
     """Under torchrun (WORLD_SIZE > 1): join the process group; ranks other than 0 stay quiet."""
     from lmsqueeze import distributed as ddp
