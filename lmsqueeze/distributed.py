@@ -152,4 +152,15 @@ def barrier(what: str = "barrier") -> None:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Every rank arrives before any tears down: rank 0 hosts the TCP store, and a rank that leaves
+        # while another still talks to it can abort that process ("terminate called without an
+        # active exception", seen in CI). The barrier is bounded so a dead rank cannot hang shutdown.
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=30))
+            else:
+                dist.barrier()
+        except Exception as exc:  # a rank already gone: nothing left to wait for
+            log.warning("distributed shutdown: not every rank reached the final barrier (%s)",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         dist.destroy_process_group()
