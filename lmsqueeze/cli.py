@@ -14,6 +14,17 @@ from lmsqueeze.errors import LmsqueezeError
 log = logging.getLogger("lmsqueeze")
 
 
+def set_threads(threads: int | None) -> None:
+    """--threads: torch's CPU thread count (None leaves torch's choice)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise LmsqueezeError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 # ---- info ---------------------------------------------------------------------------------------------
 
 def backend_report() -> dict:
@@ -141,12 +152,7 @@ def cmd_eval(args) -> int:
         parse_tasks(core)
     if safety:
         parse_safety_tasks(safety)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise LmsqueezeError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from lmsqueeze import distributed as ddp
 
     _join_process_group(args)  # under torchrun: loglik requests are shared out across the ranks
@@ -235,12 +241,7 @@ def cmd_study(args) -> int:
         raise LmsqueezeError("a study needs --model (or model: in the --config file)")
     if fields.get("suite") is None and not fields.get("tasks"):
         fields["suite"] = "core"
-    if args.threads is not None:
-        if args.threads < 1:
-            raise LmsqueezeError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     spec = StudySpec(**fields)
 
     def done(rec):

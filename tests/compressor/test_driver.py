@@ -82,6 +82,8 @@ def test_padding_never_enters_the_statistics(method):
     rb = compress(b, cfg, padded)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(va == 0, vb == 0), f"{ka}: padding changed the mask"
+        # masks must agree exactly; the weights only to fp32 rounding, because the padded batch runs
+        # attention and matmuls over 48 positions instead of 32 (another summation order)
         torch.testing.assert_close(va, vb, atol=1e-4, rtol=1e-4)
     assert rb.calibration["tokens"] == ra.calibration["tokens"] == 4 * 32
 

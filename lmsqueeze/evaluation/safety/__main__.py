@@ -73,12 +73,9 @@ def run(args) -> int:
 
     tasks = parse_tasks(",".join(t for t in (args.tasks, args.suite) if t) or "safety")  # fail before loading
     limit = parse_limit(args.limit)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise LmsqueezeError(f"--threads must be >= 1, got {args.threads}")
-        import torch
+    from lmsqueeze.cli import set_threads
 
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     files = None
     if args.dialect_files:
         files = tuple(f.strip() for f in args.dialect_files.split(","))
