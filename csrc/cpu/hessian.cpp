@@ -1,7 +1,7 @@
 // Hessian accumulation H <- H * n/(n+m) + (2/(n+m)) * X^T X on the CPU, lower triangle only.
 //
 // bf16 x on a CPU with AVX-512-BF16 (the usual calibration case) runs our own micro-kernel:
-//   1. pack the valid rows once into "pair panels": packed[q][p][l] is one 32-bit word holding
+//   1. pack the valid rows once (into a workspace kept until hessian_finalize_cpu) into "pair panels": packed[q][p][l] is one 32-bit word holding
 //      (x[2p, 16q + l], x[2p + 1, 16q + l]) as two bf16, i.e. 16 columns per panel, token pairs
 //      along the panel. That is the operand layout of vdpbf16ps, and because both GEMM operands are
 //      the same X, one packed copy serves as the broadcast (row) side and the vector (column) side.
@@ -11,7 +11,10 @@
 //      fp32 sums never run longer than 256 tokens before they are added into H (max relative error
 //      against fp64 stays near 1e-6 at 16K tokens).
 //   3. macro tiles of 128 rows x 192 columns in the lower triangle only are spread over OpenMP
-//      threads; a macro tile walks its k-blocks with its 48-column B slice (24 KiB) resident in L1.
+//      threads; a macro tile walks its k-blocks with its 48-column B slice (24 KiB) resident in L1,
+//      prefetching the next k-block's lines into L2 as it goes.
+//   One core runs vdpbf16ps at 233 GFLOP/s here (64 FLOP a cycle at 3.6 GHz); the micro-kernel on
+//   L1-resident data reaches 98% of that, the whole update at d = 1536 about 85% on one thread.
 // Measured on this 2-core AVX-512-BF16 EPYC (16,384 tokens, d = 1536): fp32 reference x.T @ x
 // 1.18 s, torch bf16 x.T @ x (bf16 output, which loses precision) 0.61 s; torch has no CPU
 // bf16 x bf16 -> fp32 matmul (aten::mm.dtype is not registered for CPU), hence the micro-kernel.
@@ -23,7 +26,10 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -64,6 +70,37 @@ LMSQ_BF16_TARGET void pack_pairs(const uint16_t* __restrict__ x,     // [rows, d
   }
 }
 
+// The packed copy of x lives in a per-thread workspace that is kept between calls of one Hessian
+// (the calibration loop feeds batches of the same size) and released by hessian_finalize_cpu.
+// Allocating it fresh on every call cost 26 ms of a 130 ms update at d = 1536 (zeroing plus a
+// page fault per 4 KiB), so it is 2 MiB aligned and asks for transparent huge pages.
+struct PackWorkspace {
+  uint32_t* data = nullptr;
+  size_t words = 0;
+  ~PackWorkspace() { release(); }
+  void release() {
+    std::free(data);
+    data = nullptr;
+    words = 0;
+  }
+};
+thread_local PackWorkspace pack_ws;
+
+uint32_t* pack_workspace(size_t words) {
+  if (pack_ws.words >= words) return pack_ws.data;
+  pack_ws.release();
+  constexpr size_t kHuge = size_t{1} << 21;
+  const size_t bytes = (words * sizeof(uint32_t) + kHuge - 1) / kHuge * kHuge;
+  void* p = std::aligned_alloc(kHuge, bytes);
+  TORCH_CHECK(p != nullptr, "hessian_update_cpu: cannot allocate ", bytes, " bytes for the packed input");
+#ifdef MADV_HUGEPAGE
+  madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+  pack_ws.data = static_cast<uint32_t*>(p);
+  pack_ws.words = words;
+  return pack_ws.data;
+}
+
 inline __mmask16 lane_mask(int64_t count) {
   if (count <= 0) return 0;
   if (count >= 16) return static_cast<__mmask16>(0xFFFF);
@@ -86,6 +123,10 @@ LMSQ_BF16_TARGET void micro_tile(const uint32_t* __restrict__ packed,  // [npan,
   for (int64_t p = 0; p < kc; ++p) {
     __m512i bv[NR];
     for (int v = 0; v < NR; ++v) bv[v] = _mm512_loadu_si512(bp[v] + p * kPanel);
+    // the same lines of the next k-block into L2: they come from memory and the hardware
+    // prefetchers do not cross the 4 KiB pages of each panel on their own (+4% at d = 1536)
+    _mm_prefetch(reinterpret_cast<const char*>(ap + (p + kKc) * kPanel), _MM_HINT_T1);
+    for (int v = 0; v < NR; ++v) _mm_prefetch(reinterpret_cast<const char*>(bp[v] + (p + kKc) * kPanel), _MM_HINT_T1);
     for (int r = 0; r < kMr; ++r) {
       const __m512i av = _mm512_set1_epi32(static_cast<int>(ap[p * kPanel + r]));
       for (int v = 0; v < NR; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)bv[v]);
@@ -112,13 +153,22 @@ void hessian_bf16_avx512(float* H, const uint16_t* x, const int64_t* rowsel, int
                          float a, float b) {
   const int64_t pairs = (m + 1) / 2;
   const int64_t npan = (d + kPanel - 1) / kPanel;
-  std::vector<uint32_t> packed(static_cast<size_t>(npan * pairs * kPanel));
-  pack_pairs(x, rowsel, m, d, stride, pairs, npan, packed.data());
+  uint32_t* packed = pack_workspace(static_cast<size_t>(npan * pairs * kPanel));
+  pack_pairs(x, rowsel, m, d, stride, pairs, npan, packed);
 
-  struct Tile { int64_t i0, j0; };
-  std::vector<Tile> tiles;  // macro tiles touching the lower triangle, biggest first
-  for (int64_t i0 = 0; i0 < d; i0 += kRowBlock)
-    for (int64_t j0 = 0; j0 < std::min(d, i0 + kRowBlock); j0 += kColBlock) tiles.push_back({i0, j0});
+  struct Tile { int64_t i0, j0, work; };
+  std::vector<Tile> tiles;  // macro tiles touching the lower triangle
+  for (int64_t i0 = 0; i0 < d; i0 += kRowBlock) {
+    const int64_t i1 = std::min(d, i0 + kRowBlock);
+    for (int64_t j0 = 0; j0 < i1; j0 += kColBlock) {
+      const int64_t j1 = std::min(i1, j0 + kColBlock);
+      int64_t work = 0;  // H entries of the lower triangle inside the tile
+      for (int64_t i = i0; i < i1; ++i) work += std::max<int64_t>(0, std::min(j1, i + 1) - j0);
+      tiles.push_back({i0, j0, work});
+    }
+  }
+  // biggest first, so the small diagonal tiles fill in at the end (d = 576: 20.6 -> 17.4 ms)
+  std::stable_sort(tiles.begin(), tiles.end(), [](const Tile& l, const Tile& r) { return l.work > r.work; });
   const int64_t ntiles = static_cast<int64_t>(tiles.size());
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t t = 0; t < ntiles; ++t) {
@@ -130,9 +180,9 @@ void hessian_bf16_avx512(float* H, const uint16_t* x, const int64_t* rowsel, int
       for (int64_t j0 = J0; j0 < J1; j0 += kNr * kPanel) {
         const int64_t np = std::min<int64_t>(kNr, (J1 - j0 + kPanel - 1) / kPanel);
         for (int64_t i0 = std::max(I0, j0 - j0 % kMr); i0 < I1; i0 += kMr) {
-          if (np == 3) micro_tile<3>(packed.data(), H, d, pairs, p0, kc, i0, j0, first, a, b);
-          else if (np == 2) micro_tile<2>(packed.data(), H, d, pairs, p0, kc, i0, j0, first, a, b);
-          else micro_tile<1>(packed.data(), H, d, pairs, p0, kc, i0, j0, first, a, b);
+          if (np == 3) micro_tile<3>(packed, H, d, pairs, p0, kc, i0, j0, first, a, b);
+          else if (np == 2) micro_tile<2>(packed, H, d, pairs, p0, kc, i0, j0, first, a, b);
+          else micro_tile<1>(packed, H, d, pairs, p0, kc, i0, j0, first, a, b);
         }
       }
     }
@@ -192,6 +242,7 @@ int64_t hessian_update_cpu(torch::Tensor H, const torch::Tensor& x_in, int64_t n
 }
 
 void hessian_finalize_cpu(torch::Tensor H) {
+  pack_ws.release();
   TORCH_CHECK(H.device().is_cpu() && H.scalar_type() == torch::kFloat32 && H.dim() == 2 &&
                   H.size(0) == H.size(1) && H.is_contiguous(),
               "hessian_finalize_cpu: H must be a contiguous square float32 CPU matrix");

@@ -47,8 +47,9 @@ def hessian_finalize(H: torch.Tensor) -> torch.Tensor:
     """Mirror the lower triangle onto the upper one, in place (a no-op on a full symmetric H).
 
     Whatever the upper triangle held (stale values from before the fast updates) is overwritten.
-    CPU: a blocked C++ transpose copy (d = 4096: ~20 ms); elsewhere two triangular torch ops and
-    one d x d temporary, no index tensors.
+    CPU: a blocked C++ transpose copy (d = 4096: ~20 ms), which also frees the packed-input
+    workspace the bf16 updates keep between batches; elsewhere two triangular torch ops and one
+    d x d temporary, no index tensors.
     """
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise LmsqueezeError(f"H must be a square matrix, got {tuple(H.shape)}")
