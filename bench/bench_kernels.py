@@ -161,6 +161,15 @@ def masks_cases(quick: bool) -> list[Case]:
             cases.append(Case(f"wanda_mask {b} 2:4 (fused)", group,
                               lambda W=W, n=norm, b=b: wanda_mask(W, n, n=2, m=4, backend=b), params, check=same(nm),
                               bytes=W.numel() * 3.0, baseline=floor_w))
+            # into a preallocated mask, as the copy floor writes into a preallocated W: a fresh bool
+            # tensor of W's shape costs 4 ms (4096 x 4096) to 13 ms (4096 x 11008) to fault in here
+            keep_buf = torch.empty(W.shape, dtype=torch.bool, device=device)
+            cases.append(Case(f"wanda_mask {b} 50% row-wise (fused, out=)", group,
+                              lambda W=W, n=norm, b=b, o=keep_buf: wanda_mask(W, n, 0.5, backend=b, out=o), params,
+                              check=same(rw), bytes=W.numel() * 3.0, baseline=floor_w))
+            cases.append(Case(f"wanda_mask {b} 2:4 (fused, out=)", group,
+                              lambda W=W, n=norm, b=b, o=keep_buf: wanda_mask(W, n, n=2, m=4, backend=b, out=o),
+                              params, check=same(nm), bytes=W.numel() * 3.0, baseline=floor_w))
             cases.append(Case(f"rowwise_mask {b} 50% (fp32 scores)", group,
                               lambda s=scores, b=b: rowwise_mask(s, 0.5, backend=b), params,
                               check=same(rowwise_mask_ref(scores, 0.5)) if not big else same(rw),

@@ -43,10 +43,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hessian_update_cpu", &lmsqueeze::hessian_update_cpu, py::arg("H"), py::arg("x"), py::arg("nsamples"),
         py::arg("mask") = py::none());
   m.def("hessian_finalize_cpu", &lmsqueeze::hessian_finalize_cpu, py::arg("H"));
-  m.def("rowwise_mask_cpu", &lmsqueeze::rowwise_mask_cpu, py::arg("scores"), py::arg("k"));
-  m.def("nm_mask_cpu", &lmsqueeze::nm_mask_cpu, py::arg("scores"), py::arg("n"), py::arg("m"));
+  m.def("rowwise_mask_cpu", &lmsqueeze::rowwise_mask_cpu, py::arg("scores"), py::arg("k"), py::arg("out") = py::none());
+  m.def("nm_mask_cpu", &lmsqueeze::nm_mask_cpu, py::arg("scores"), py::arg("n"), py::arg("m"),
+        py::arg("out") = py::none());
   m.def("wanda_mask_cpu", &lmsqueeze::wanda_mask_cpu, py::arg("W"), py::arg("col_sq_norm"), py::arg("k"),
-        py::arg("n"), py::arg("m"));
+        py::arg("n"), py::arg("m"), py::arg("out") = py::none());
   // ---- obs_update (issue 5) ----
   m.def("obs_update_cpu", &lmsqueeze::obs_update_cpu, py::arg("W"), py::arg("Hinv"), py::arg("blocksize"),
         py::arg("prune_counts"), py::arg("nm_n"), py::arg("nm_m"), py::arg("bits"), py::arg("group_size"),

@@ -24,12 +24,12 @@ void hessian_finalize_cpu(torch::Tensor H);
 
 // KEEP masks (true = kept). Ties: among equal scores the lower column index is pruned first.
 // rowwise: prune exactly k entries per row of scores [rows, cols] (fp32).
-torch::Tensor rowwise_mask_cpu(const torch::Tensor& scores, int64_t k);
+torch::Tensor rowwise_mask_cpu(const torch::Tensor& scores, int64_t k, const std::optional<torch::Tensor>& out);
 // N:M: keep the n highest of every m consecutive entries along the last dimension (fp32).
-torch::Tensor nm_mask_cpu(const torch::Tensor& scores, int64_t n, int64_t m);
+torch::Tensor nm_mask_cpu(const torch::Tensor& scores, int64_t n, int64_t m, const std::optional<torch::Tensor>& out);
 // Fused Wanda: scores |W| * sqrt(col_sq_norm) computed on the fly, then rowwise (k >= 0) or N:M (n, m).
 torch::Tensor wanda_mask_cpu(const torch::Tensor& W, const torch::Tensor& col_sq_norm, int64_t k, int64_t n,
-                             int64_t m);
+                             int64_t m, const std::optional<torch::Tensor>& out);
 // ---- obs_update (issue 5): the blocked OBS sweep of SparseGPT/GPTQ; see csrc/cpu/obs.cpp ----
 // prune_counts: weights pruned per block (unstructured; empty otherwise); nm_m = 0: no N:M;
 // bits = 0: no quantization. Returns (W_new, keep mask or None, losses).

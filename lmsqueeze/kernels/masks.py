@@ -86,46 +86,69 @@ def _check_scores(scores: torch.Tensor) -> None:
         raise LmsqueezeError(f"scores must be float32, bfloat16 or float16, got {scores.dtype}")
 
 
-def rowwise_mask(scores: torch.Tensor, sparsity: float, backend: str | None = None) -> torch.Tensor:
-    """KEEP mask pruning exactly round(sparsity * cols) lowest scores in each row of scores [rows, cols]."""
+def _check_out(out: torch.Tensor | None, shape: torch.Size, device: torch.device) -> None:
+    if out is None:
+        return
+    if out.dtype != torch.bool or tuple(out.shape) != tuple(shape) or not out.is_contiguous() or out.device != device:
+        raise LmsqueezeError(f"out must be a contiguous bool tensor of shape {tuple(shape)} on {device}, "
+                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+
+
+def _into(out: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    """keep, written into out when one was given (the paths that cannot write in place)."""
+    if out is None:
+        return keep
+    return out.copy_(keep)
+
+
+def rowwise_mask(scores: torch.Tensor, sparsity: float, backend: str | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """KEEP mask pruning exactly round(sparsity * cols) lowest scores in each row of scores [rows, cols].
+
+    out: an optional bool tensor of the scores' shape to write into (saves allocating the mask,
+    which on the CPU can cost more than computing it); it is returned.
+    """
     if scores.dim() != 2:
         raise LmsqueezeError(f"scores must be 2-D [rows, cols], got {tuple(scores.shape)}")
     _check_scores(scores)
     _check_sparsity(sparsity)
+    _check_out(out, scores.shape, scores.device)
     chosen = choose_backend("rowwise_mask", scores.device, backend, IMPLEMENTED)
     if chosen == "ref":
-        return rowwise_mask_ref(scores, sparsity)
+        return _into(out, rowwise_mask_ref(scores, sparsity))
     k = prune_count(sparsity, scores.shape[1])
     if chosen == "triton":
         from lmsqueeze.kernels.triton.masks import mask_triton
 
-        return mask_triton(scores, None, k=k)
-    return _ext.ext().rowwise_mask_cpu(scores.float(), k)
+        return _into(out, mask_triton(scores, None, k=k))
+    return _ext.ext().rowwise_mask_cpu(scores.float(), k, out)
 
 
-def nm_mask(scores: torch.Tensor, n: int, m: int, backend: str | None = None) -> torch.Tensor:
-    """KEEP mask with exactly n kept in every group of m along the last dimension."""
+def nm_mask(scores: torch.Tensor, n: int, m: int, backend: str | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """KEEP mask with exactly n kept in every group of m along the last dimension (out: as rowwise_mask)."""
     if scores.dim() < 1:
         raise LmsqueezeError("scores must have at least one dimension")
     _check_scores(scores)
     check_nm(n, m, scores.shape[-1])
+    _check_out(out, scores.shape, scores.device)
     chosen = choose_backend("nm_mask", scores.device, backend, IMPLEMENTED)
     if chosen == "ref":
-        return nm_mask_ref(scores, n, m)
+        return _into(out, nm_mask_ref(scores, n, m))
     if chosen == "triton":
         from lmsqueeze.kernels.triton.masks import mask_triton
 
         flat = scores.reshape(-1, scores.shape[-1])
-        return mask_triton(flat, None, n=n, m=m).reshape(scores.shape)
-    return _ext.ext().nm_mask_cpu(scores.float(), n, m)
+        return _into(out, mask_triton(flat, None, n=n, m=m).reshape(scores.shape))
+    return _ext.ext().nm_mask_cpu(scores.float(), n, m, out)
 
 
 def wanda_mask(W: torch.Tensor, col_sq_norm: torch.Tensor, sparsity: float | None = None, n: int | None = None,
-               m: int | None = None, backend: str | None = None) -> torch.Tensor:
+               m: int | None = None, backend: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """KEEP mask of Wanda in one pass from W [out, in] and the input's col_sq_norm [in].
 
     Give either `sparsity` (exact count per output row) or `n` and `m` (N:M along the input dim).
-    Same result as wanda_mask_ref, bit for bit.
+    Same result as wanda_mask_ref, bit for bit. out: as rowwise_mask.
     """
     if W.dim() != 2:
         raise LmsqueezeError(f"W must be 2-D [out, in], got {tuple(W.shape)}")
@@ -141,12 +164,13 @@ def wanda_mask(W: torch.Tensor, col_sq_norm: torch.Tensor, sparsity: float | Non
         _check_sparsity(sparsity)
     else:
         check_nm(n, m, W.shape[1])
+    _check_out(out, W.shape, W.device)
     chosen = choose_backend("wanda_mask", W.device, backend, IMPLEMENTED)
     if chosen == "ref":
-        return wanda_mask_ref(W, col_sq_norm, sparsity, n, m)
+        return _into(out, wanda_mask_ref(W, col_sq_norm, sparsity, n, m))
     k = prune_count(sparsity, W.shape[1]) if sparsity is not None else -1
     if chosen == "triton":
         from lmsqueeze.kernels.triton.masks import mask_triton
 
-        return mask_triton(W, col_sq_norm, k=k, n=n or 0, m=m or 0)
-    return _ext.ext().wanda_mask_cpu(W, col_sq_norm.float(), k, n or 0, m or 0)
+        return _into(out, mask_triton(W, col_sq_norm, k=k, n=n or 0, m=m or 0))
+    return _ext.ext().wanda_mask_cpu(W, col_sq_norm.float(), k, n or 0, m or 0, out)

@@ -190,6 +190,43 @@ def test_bad_input_is_one_clear_error():
         nm_mask(torch.rand(4, 8), 2, 4, backend="cuda")
 
 
+    with pytest.raises(LmsqueezeError, match=r"out must be a contiguous bool tensor of shape \(4, 10\)"):
+        rowwise_mask(s, 0.5, out=torch.empty(4, 10, dtype=torch.uint8))
+    with pytest.raises(LmsqueezeError, match="out must be a contiguous bool tensor"):
+        wanda_mask(s, torch.rand(10), 0.5, out=torch.empty(10, 4, dtype=torch.bool).T)
+
+
+def test_cpu_rowwise_few_distinct_values(ext):
+    # quantized weights: a handful of levels, so the k-th key sits in a long run of equal keys and
+    # the partition's "equal to the pivot" branch settles the row by column order
+    g = torch.Generator().manual_seed(3)
+    s = torch.randint(0, 8, (5, 4100), generator=g).float()
+    s[4] = torch.randint(0, 2, (4100,), generator=g).float()
+    for sparsity in (0.3, 0.5, 0.77):
+        assert torch.equal(rowwise_mask(s, sparsity, backend="cpu"), rowwise_mask_ref(s, sparsity))
+
+
+@pytest.mark.parametrize("backend", ["ref", "cpu", pytest.param("triton", marks=requires_triton)])
+def test_out_is_written_and_returned(backend, monkeypatch):
+    if backend == "cpu" and not _has_cpu():
+        pytest.skip("C++ extension not built")
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    W = _scores(3, 1040, torch.bfloat16, seed=5, ties=False)
+    norm = torch.rand(1040) + 0.1
+    s3 = _scores(6, 48, torch.float32, seed=6).reshape(2, 3, 48)
+    cases = [
+        (lambda out: rowwise_mask(W.float(), 0.5, backend=backend, out=out), rowwise_mask_ref(W.float(), 0.5)),
+        (lambda out: nm_mask(s3, 2, 4, backend=backend, out=out), nm_mask_ref(s3, 2, 4)),
+        (lambda out: wanda_mask(W, norm, 0.6, backend=backend, out=out), wanda_mask_ref(W, norm, 0.6)),
+        (lambda out: wanda_mask(W, norm, n=2, m=4, backend=backend, out=out), wanda_mask_ref(W, norm, n=2, m=4)),
+    ]
+    for run, expected in cases:
+        out = torch.rand(expected.shape) < 0.5  # stale contents that must all be overwritten
+        got = run(out)
+        assert got.data_ptr() == out.data_ptr()
+        assert torch.equal(out, expected)
+
 
 _COMPILE_MASKS = """
 import triton
