@@ -5,15 +5,19 @@
 // plain unsigned order on (key, column). One row at a time per thread:
 //   1. keys of the row into a buffer that stays in L1/L2 (fused Wanda: |W| * sqrt(norm) computed in
 //      the same pass, so the scores never reach memory);
-//   2. row-wise: the k-th smallest (key, column) without sorting: bracket it from a strided sample
-//      of 256 keys (vectorized binary searches on the sample), one pass that counts keys below the
-//      bracket and compresses the keys inside it (about a fifth of the row), then an exact
-//      select among those candidates (a 256-bin histogram, then nth_element on (key, column) pairs
-//      in the one bin that holds the k-th), which settles ties by column too. A bracket that misses
-//      (rare) falls back to a binary search on the whole row, so the result is exact either way.
+//   2. row-wise: the k-th smallest key without sorting. A strided sample of 256 keys gives 32
+//      pivots and their ranks in the sample; the two pivots around the target rank (with a 3-sigma
+//      margin) bracket it. One pass counts the keys below the bracket and compresses the keys inside
+//      it (about a quarter of the row), then a vector quickselect (three-way partition with
+//      compress, median-of-3 pivots) finds the k-th key value t and how many keys equal it. Ties at
+//      t are settled by column: when all copies of t are pruned the mask is one compare a vector,
+//      else a scan finds the column of the last pruned copy. A bracket that misses (rare) makes the
+//      whole row the candidate set, so the result is exact either way.
 //      N:M with M dividing 16: each lane ranks itself against the other M-1 lanes of its group via
 //      lane permutes, so one zmm handles 16/M groups with no sort at all.
-//   3. one pass writes the mask bytes.
+//   3. one pass writes the mask bytes, 64 per streaming store.
+// Cost on this Zen 4 core, 4096-column bf16 Wanda rows: ~2.2K cycles the keys (mostly waiting on
+// memory), ~2K the sample, ~1.7K the bracket pass, ~2.9K the quickselect, ~1K the mask.
 // OpenMP over rows. A CPU without AVX-512 (or an ISA cap) runs the scalar versions: nth_element on
 // (key, column) pairs for rows, a rank count per group for N:M.
 #include <immintrin.h>
@@ -103,33 +107,20 @@ void row_keys_generic(const T* __restrict__ row, const float* __restrict__ sq, i
 }
 
 // ---- row-wise exact-k selection -----------------------------------------------------------------
-// Column of the `need`-th (1-based) occurrence of key t, scanning keys in index order.
-inline int64_t nth_occurrence(const uint32_t* keys, const int32_t* idx, int64_t len, uint32_t t, int64_t need) {
-  for (int64_t j = 0; j < len; ++j)
-    if (keys[j] == t && --need == 0) return idx ? idx[j] : j;
-  return -1;
-}
-
 struct Scratch {
-  std::vector<uint32_t> keys, ck[3];
-  std::vector<int32_t> ci[3];
-  std::vector<uint64_t> pairs;
+  std::vector<uint32_t> keys, cand[3];  // the row's keys; candidate keys, ping-ponged by the partition
+  std::vector<uint64_t> pairs;          // (key, column) pairs of the scalar path
   void reserve(int64_t c) {
     keys.resize(c + 16);
-    for (int i = 0; i < 3; ++i) {
-      ck[i].resize(c + 16);
-      ci[i].resize(c + 16);
-    }
+    for (auto& v : cand) v.resize(c + 16);
   }
 };
 
-// Keys in [lo, hi] and their columns, compressed in column order into ok / oi; returns how many,
+// Keys in [lo, hi] compressed into out (column order, which nothing later needs); returns how many,
 // and the number of keys below lo in *below.
 LMSQ_AVX512 int64_t gather_bracket(const uint32_t* __restrict__ keys, int64_t c, uint32_t lo, uint32_t hi,
-                                   uint32_t* __restrict__ ok, int32_t* __restrict__ oi, int64_t* below) {
+                                   uint32_t* __restrict__ out, int64_t* below) {
   const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo)), vhi = _mm512_set1_epi32(static_cast<int>(hi));
-  const __m512i sixteen = _mm512_set1_epi32(16);
-  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t n = 0, nb = 0;
   for (int64_t j = 0; j < c; j += 16) {
     const __mmask16 km = tail_mask(c - j);
@@ -137,43 +128,35 @@ LMSQ_AVX512 int64_t gather_bracket(const uint32_t* __restrict__ keys, int64_t c,
     const __mmask16 lt = _mm512_mask_cmplt_epu32_mask(km, v, vlo);
     const __mmask16 in = _mm512_mask_cmple_epu32_mask(km & ~lt, v, vhi);
     nb += _mm_popcnt_u32(lt);
-    _mm512_storeu_si512(ok + n, _mm512_maskz_compress_epi32(in, v));
-    _mm512_storeu_si512(oi + n, _mm512_maskz_compress_epi32(in, idx));
+    _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi32(in, v));
     n += _mm_popcnt_u32(in);
-    idx = _mm512_add_epi32(idx, sixteen);
   }
   *below = nb;
   return n;
 }
 
-// The r-th smallest (1-based) (key, column) pair of the n candidates in s.ck[0] / s.ci[0], held in
-// column order: quickselect with a three-way vector partition around a median-of-3 pivot (compress
-// keeps column order, so among equal keys the r-th in column order is the answer), nth_element once
-// 32 or fewer remain. Returns key << 32 | column.
-LMSQ_AVX512 uint64_t select_candidate(Scratch& s, int64_t n, int64_t r) {
+// The r-th smallest (1-based) of the n candidate keys in s.cand[0]: quickselect with a three-way
+// vector partition around a median-of-3 pivot, nth_element once 48 or fewer remain. *less and
+// *equal get how many of the n keys are smaller than / equal to the answer.
+LMSQ_AVX512 uint32_t select_key(Scratch& s, int64_t n, int64_t r, int64_t* less, int64_t* equal) {
   int cur = 0;
-  while (n > 32) {
-    const uint32_t* ck = s.ck[cur].data();
-    const int32_t* ci = s.ci[cur].data();
+  int64_t passed = 0;  // keys known to be smaller, from partitions that went right
+  while (n > 48) {
+    const uint32_t* ck = s.cand[cur].data();
     const uint32_t a = ck[n / 4], b = ck[n / 2], c = ck[(3 * n) / 4];
     const uint32_t p = std::max(std::min(a, b), std::min(std::max(a, b), c));
     const int lt_buf = (cur + 1) % 3, gt_buf = (cur + 2) % 3;
-    uint32_t* lk = s.ck[lt_buf].data();
-    int32_t* li = s.ci[lt_buf].data();
-    uint32_t* gk = s.ck[gt_buf].data();
-    int32_t* gi = s.ci[gt_buf].data();
+    uint32_t* lk = s.cand[lt_buf].data();
+    uint32_t* gk = s.cand[gt_buf].data();
     const __m512i vp = _mm512_set1_epi32(static_cast<int>(p));
     int64_t nl = 0, ng = 0;
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 km = tail_mask(n - j);
-      const __m512i v = _mm512_maskz_loadu_epi32(km, ck + j);
-      const __m512i ix = _mm512_maskz_loadu_epi32(km, ci + j);
+      const __m512i v = j + 16 <= n ? _mm512_loadu_si512(ck + j) : _mm512_maskz_loadu_epi32(km, ck + j);
       const __mmask16 lt = _mm512_mask_cmplt_epu32_mask(km, v, vp);
       const __mmask16 gt = _mm512_mask_cmpgt_epu32_mask(km, v, vp);
       _mm512_storeu_si512(lk + nl, _mm512_maskz_compress_epi32(lt, v));
-      _mm512_storeu_si512(li + nl, _mm512_maskz_compress_epi32(lt, ix));
       _mm512_storeu_si512(gk + ng, _mm512_maskz_compress_epi32(gt, v));
-      _mm512_storeu_si512(gi + ng, _mm512_maskz_compress_epi32(gt, ix));
       nl += _mm_popcnt_u32(lt);
       ng += _mm_popcnt_u32(gt);
     }
@@ -182,51 +165,90 @@ LMSQ_AVX512 uint64_t select_candidate(Scratch& s, int64_t n, int64_t r) {
       cur = lt_buf;
       n = nl;
     } else if (r <= nl + ne) {
-      const int64_t col = nth_occurrence(ck, ci, n, p, r - nl);
-      return (static_cast<uint64_t>(p) << 32) | static_cast<uint32_t>(col);
+      *less = passed + nl;
+      *equal = ne;
+      return p;
     } else {
       r -= nl + ne;
+      passed += nl + ne;
       cur = gt_buf;
       n = ng;
     }
   }
-  s.pairs.resize(n);
-  for (int64_t j = 0; j < n; ++j)
-    s.pairs[j] = (static_cast<uint64_t>(s.ck[cur][j]) << 32) | static_cast<uint32_t>(s.ci[cur][j]);
-  std::nth_element(s.pairs.begin(), s.pairs.begin() + (r - 1), s.pairs.end());
-  return s.pairs[r - 1];
+  uint32_t* ck = s.cand[cur].data();
+  std::nth_element(ck, ck + (r - 1), ck + n);
+  const uint32_t t = ck[r - 1];
+  int64_t lt = 0, eq = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    lt += ck[j] < t;
+    eq += ck[j] == t;
+  }
+  *less = passed + lt;
+  *equal = eq;
+  return t;
 }
 
-// keep[j] = !(key < t || (key == t && j <= t_idx)). Where keep is 64-byte aligned, 64 columns go
-// out in one streaming store: the mask is not read back here, and skipping the read-for-ownership
-// of its lines saves memory traffic (the caller fences once after all rows).
-LMSQ_AVX512 inline __mmask16 pruned16(const uint32_t* keys, int64_t j, __mmask16 k, __m512i vt, __m512i vti) {
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i v = k == 0xFFFF ? _mm512_loadu_si512(keys + j) : _mm512_maskz_loadu_epi32(k, keys + j);
-  const __m512i idx = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(j)));
-  return _mm512_cmplt_epu32_mask(v, vt) | (_mm512_cmpeq_epi32_mask(v, vt) & _mm512_cmple_epi32_mask(idx, vti));
-}
-
-LMSQ_AVX512 void write_rowwise(const uint32_t* __restrict__ keys, int64_t c, uint32_t t, int64_t t_idx,
-                               bool* __restrict__ keep) {
+// Column of the need-th (1-based) key equal to t, in column order.
+LMSQ_AVX512 int64_t nth_equal(const uint32_t* keys, int64_t c, uint32_t t, int64_t need) {
   const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
-  const __m512i vti = _mm512_set1_epi32(static_cast<int>(t_idx));
-  int64_t j = 0;
-  if ((reinterpret_cast<uintptr_t>(keep) & 63) == 0) {
-    for (; j + 64 <= c; j += 64) {
-      __mmask64 pruned = 0;
-      for (int q = 0; q < 4; ++q)
-        pruned |= static_cast<__mmask64>(pruned16(keys, j + 16 * q, 0xFFFF, vt, vti)) << (16 * q);
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(keep + j), _mm512_maskz_set1_epi8(~pruned, 1));
+  for (int64_t j = 0; j < c; j += 16) {
+    const __mmask16 km = tail_mask(c - j);
+    uint32_t eq = _mm512_mask_cmpeq_epi32_mask(km, _mm512_maskz_loadu_epi32(km, keys + j), vt);
+    const int count = _mm_popcnt_u32(eq);
+    if (count >= need) {
+      for (int64_t q = 1; q < need; ++q) eq &= eq - 1;
+      return j + __builtin_ctz(eq);
     }
+    need -= count;
+  }
+  return c - 1;  // not reached: need never exceeds the number of copies of t
+}
+
+// Mask bytes 64 columns at a time, pruned(keys, j) giving the 16-lane pruned bits at column j.
+// Where keep is 64-byte aligned the 64 bytes go out in one streaming store: the mask is not read
+// back here, so its lines need no read-for-ownership (the caller fences once after all rows).
+template <typename Pruned>
+LMSQ_AVX512 inline void write_mask(int64_t c, bool* __restrict__ keep, Pruned pruned) {
+  int64_t j = 0;
+  const bool aligned = (reinterpret_cast<uintptr_t>(keep) & 63) == 0;
+  for (; j + 64 <= c; j += 64) {
+    const __mmask64 p = static_cast<__mmask64>(pruned(j, 0xFFFF)) |
+                        (static_cast<__mmask64>(pruned(j + 16, 0xFFFF)) << 16) |
+                        (static_cast<__mmask64>(pruned(j + 32, 0xFFFF)) << 32) |
+                        (static_cast<__mmask64>(pruned(j + 48, 0xFFFF)) << 48);
+    const __m512i bytes = _mm512_maskz_set1_epi8(~p, 1);
+    if (aligned) _mm512_stream_si512(reinterpret_cast<__m512i*>(keep + j), bytes);
+    else _mm512_storeu_si512(keep + j, bytes);
   }
   for (; j < c; j += 16) {
     const __mmask16 k = tail_mask(c - j);
-    const __m128i bytes = _mm_maskz_set1_epi8(static_cast<__mmask16>(~pruned16(keys, j, k, vt, vti)), 1);
-    if (k == 0xFFFF) _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + j), bytes);
-    else _mm_mask_storeu_epi8(keep + j, k, bytes);
+    _mm_mask_storeu_epi8(keep + j, k, _mm_maskz_set1_epi8(static_cast<__mmask16>(~pruned(j, k)), 1));
   }
 }
+
+LMSQ_AVX512 inline __m512i load_keys(const uint32_t* keys, int64_t j, __mmask16 k) {
+  return k == 0xFFFF ? _mm512_loadu_si512(keys + j) : _mm512_maskz_loadu_epi32(k, keys + j);
+}
+
+struct PrunedAtOrBelow {  // key <= t: every copy of t is pruned
+  const uint32_t* keys;
+  __m512i vt;
+  LMSQ_AVX512 __mmask16 operator()(int64_t j, __mmask16 k) const {
+    return _mm512_mask_cmple_epu32_mask(k, load_keys(keys, j, k), vt);
+  }
+};
+
+struct PrunedWithTies {  // key < t, or key == t at a column <= t_idx
+  const uint32_t* keys;
+  __m512i vt, vti;
+  LMSQ_AVX512 __mmask16 operator()(int64_t j, __mmask16 k) const {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i v = load_keys(keys, j, k);
+    const __m512i idx = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(j)));
+    return static_cast<__mmask16>(
+        k & (_mm512_cmplt_epu32_mask(v, vt) | (_mm512_cmpeq_epi32_mask(v, vt) & _mm512_cmple_epi32_mask(idx, vti))));
+  }
+};
 
 LMSQ_AVX512 void rowwise_avx512(const uint32_t* __restrict__ keys, int64_t c, int64_t k, Scratch& s,
                                 bool* __restrict__ keep) {
@@ -238,17 +260,15 @@ LMSQ_AVX512 void rowwise_avx512(const uint32_t* __restrict__ keys, int64_t c, in
     alignas(64) uint32_t sample[kSample];
     for (int64_t i = 0; i < kSample; ++i) sample[i] = keys[(i * c) / kSample + (c / kSample) / 2];
     alignas(64) uint32_t pivot[kPivots];
-    for (int64_t i = 0; i < kPivots; ++i) pivot[i] = sample[i * (kSample / kPivots) + kSample / kPivots / 2];
-    const __m512i p0 = _mm512_load_si512(pivot), p1 = _mm512_load_si512(pivot + 16), one = _mm512_set1_epi32(1);
-    __m512i r0 = _mm512_setzero_si512(), r1 = _mm512_setzero_si512();
-    for (int64_t i = 0; i < kSample; ++i) {
-      const __m512i v = _mm512_set1_epi32(static_cast<int>(sample[i]));
-      r0 = _mm512_mask_add_epi32(r0, _mm512_cmplt_epu32_mask(v, p0), r0, one);
-      r1 = _mm512_mask_add_epi32(r1, _mm512_cmplt_epu32_mask(v, p1), r1, one);
-    }
     alignas(64) int32_t rank[kPivots];  // sample keys below each pivot
-    _mm512_store_si512(rank, r0);
-    _mm512_store_si512(rank + 16, r1);
+    for (int64_t i = 0; i < kPivots; ++i) pivot[i] = sample[i * (kSample / kPivots) + kSample / kPivots / 2];
+    for (int64_t i = 0; i < kPivots; ++i) {
+      const __m512i vp = _mm512_set1_epi32(static_cast<int>(pivot[i]));
+      int32_t below_pivot = 0;
+      for (int64_t j = 0; j < kSample; j += 16)
+        below_pivot += _mm_popcnt_u32(_mm512_cmplt_epu32_mask(_mm512_load_si512(sample + j), vp));
+      rank[i] = below_pivot;
+    }
     const double q = static_cast<double>(k) / static_cast<double>(c);
     const double delta = 3.0 * std::sqrt(kSample * q * (1.0 - q)) + 2.0;
     const double want_lo = q * kSample - delta, want_hi = q * kSample + delta;
@@ -264,13 +284,23 @@ LMSQ_AVX512 void rowwise_avx512(const uint32_t* __restrict__ keys, int64_t c, in
         hi = pivot[i];
       }
     }
-    n = gather_bracket(keys, c, lo, hi, s.ck[0].data(), s.ci[0].data(), &below);
+    n = gather_bracket(keys, c, lo, hi, s.cand[0].data(), &below);
     bracketed = below < k && k <= below + n;
   }
   // small row, or the bracket missed (rare): the whole row is the candidate set
-  if (!bracketed) n = gather_bracket(keys, c, 0u, 0xFFFFFFFFu, s.ck[0].data(), s.ci[0].data(), &below);
-  const uint64_t kth = select_candidate(s, n, k - below);
-  write_rowwise(keys, c, static_cast<uint32_t>(kth >> 32), static_cast<int64_t>(kth & 0xFFFFFFFFu), keep);
+  if (!bracketed) n = gather_bracket(keys, c, 0u, 0xFFFFFFFFu, s.cand[0].data(), &below);
+  int64_t less = 0, equal = 0;
+  const uint32_t t = select_key(s, n, k - below, &less, &equal);
+  // every key equal to t lies in the bracket, so `equal` counts all copies of t in the row; the
+  // first `need` of them in column order are pruned (lower column first on ties)
+  const int64_t need = k - below - less;
+  const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
+  if (need == equal) {  // the usual case: one compare a vector
+    write_mask(c, keep, PrunedAtOrBelow{keys, vt});
+  } else {
+    const int64_t t_idx = nth_equal(keys, c, t, need);
+    write_mask(c, keep, PrunedWithTies{keys, vt, _mm512_set1_epi32(static_cast<int>(t_idx))});
+  }
 }
 
 void rowwise_generic(const uint32_t* keys, int64_t c, int64_t k, Scratch& s, bool* keep) {
