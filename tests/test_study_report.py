@@ -138,3 +138,40 @@ def test_core_metrics_intervals_bracket_the_values():
     lo, hi = m["piqa_acc"]["ci"]
     assert 0.0 <= lo <= 0.5 <= hi <= 1.0
     assert m["piqa_flips"]["value"] == 0.25 and 0.0 <= m["piqa_flips"]["ci"][0] <= 0.25
+
+
+def test_report_files_are_readable_like_any_written_file(study_dir):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = write_report(study_dir)
+    finally:
+        os.umask(umask)
+    for f in [path, *(study_dir / "plots").iterdir()]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def test_perplexity_axes_go_logarithmic_only_when_one_cell_collapses(tmp_path, monkeypatch):
+    from lmsqueeze.study import report
+
+    scales = []
+    real_save = report._save
+
+    def spy(fig, path):
+        scales.append((path.name, [ax.get_xscale() for ax in fig.axes], [ax.get_yscale() for ax in fig.axes]))
+        real_save(fig, path)
+
+    monkeypatch.setattr(report, "_save", spy)
+    records = read_results(FIXTURE)  # ppl 20 .. 30: plain axes
+    report.plot_ppl_vs_divergence(records, tmp_path / "a.png")
+    report.plot_sweeps(records, tmp_path / "b.png")
+    collapsed = [dict(r) for r in records]
+    for r in collapsed:
+        if r["key"] == "k-mag24":
+            r["metrics"] = dict(r["metrics"], ppl=dict(r["metrics"]["ppl"], value=2000.0))
+    report.plot_ppl_vs_divergence(collapsed, tmp_path / "c.png")
+    report.plot_sweeps(collapsed, tmp_path / "d.png")
+    assert scales[0][1][0] == "linear" and "log" not in scales[1][2]
+    assert scales[2][1][0] == "log" and scales[3][2][0] == "log"  # the ppl panel comes first

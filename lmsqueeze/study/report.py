@@ -132,13 +132,22 @@ def _ppl_vs_divergence(records: list[dict], dense: dict | None) -> str:
 
 # ---- plots ------------------------------------------------------------------------------------------
 
+def _publish(tmp: str, path: Path) -> None:
+    """Rename a finished temporary file onto `path` with the permissions a plain open() would give
+    (mkstemp makes files only their owner can read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def _save(fig, path: Path) -> None:
     """savefig to a temporary file beside `path`, then rename: a plot appears whole or not at all."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -154,10 +163,14 @@ def _pyplot():
     return plt
 
 
-def _log_if_wide(ax) -> None:
-    """Perplexity on a log axis only when it spans more than a factor 10 (plain numbers otherwise)."""
-    lo, hi = ax.get_ylim()
-    if lo > 0 and hi / lo > 10:
+def _log_if_wide(ax, values: list[float]) -> None:
+    """Perplexity on a log axis only when it spans more than a factor 10 (plain numbers otherwise).
+
+    Decided on the plotted values, not the axis limits: those include a margin that can reach
+    below zero.
+    """
+    values = [v for v in values if v is not None and v > 0]
+    if values and max(values) / min(values) > 10:
         from matplotlib.ticker import ScalarFormatter
 
         ax.set_yscale("log")
@@ -198,7 +211,7 @@ def plot_sweeps(records: list[dict], path: Path) -> bool:
         ax.set_xlabel("sparsity")
         ax.set_title(TITLES.get(metric, metric))
         if metric == "ppl":
-            _log_if_wide(ax)
+            _log_if_wide(ax, [_value(r, "ppl") for r in records])
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
@@ -234,7 +247,7 @@ def plot_calibration(records: list[dict], path: Path) -> bool:
         ax.set_xticklabels([f"{m}\n{s}" for m, s in groups], fontsize=8)
         ax.set_title(TITLES.get(metric, metric))
         if metric == "ppl":
-            _log_if_wide(ax)
+            _log_if_wide(ax, [_value(r, "ppl") for r in records])
         ax.grid(alpha=0.3, axis="y")
     axes.flat[0].legend(title="calibration", fontsize=8)
     fig.suptitle("calibration source effect")
@@ -281,7 +294,11 @@ def plot_groups(records: list[dict], path: Path) -> bool:
 
 
 def plot_ppl_vs_divergence(records: list[dict], path: Path) -> bool:
-    """Per cell: relative perplexity change against JSD and against PIQA flips."""
+    """Per cell: perplexity change against JSD and against PIQA flips.
+
+    Cells are told apart by marker, not by text labels (a crowded sweep made those unreadable):
+    colour = method, shape = sparsity or bits, fill = calibration source.
+    """
     dense = next((r for r in records if r["method"] == "dense"), None)
     base = _value(dense, "ppl") if dense else None
     rows = [r for r in records if r["method"] != "dense" and _value(r, "ppl") is not None]
@@ -289,24 +306,47 @@ def plot_ppl_vs_divergence(records: list[dict], path: Path) -> bool:
     if base is None or not rows or not ys:
         return False
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     fig, axes = plt.subplots(1, len(ys), figsize=(6 * len(ys), 4.4), squeeze=False)
-    colors = {m: f"C{i}" for i, m in enumerate(sorted({r['method'] for r in rows}))}
+    methods = [m for m in ("magnitude", "wanda", "sparsegpt", "gptq", "rtn") if any(r["method"] == m for r in rows)]
+    methods += sorted({r["method"] for r in rows} - set(methods))
+    colors = {m: f"C{i}" for i, m in enumerate(sorted(methods))}  # as in the other plots
+    settings = sorted({_setting(r) for r in rows}, key=_sparsity_order)
+    shapes = {st: "osD^vPX*ph"[i % 10] for i, st in enumerate(settings)}
+    calibs = sorted({r.get("calib") or "none" for r in rows})
+    fills = {c: ("full", "none", "left", "bottom", "right", "top")[i % 6] for i, c in enumerate(calibs)}
+    ratios = [_value(r, "ppl") / base for r in rows]
+    log_x = max(ratios) / min(ratios) > 10  # one collapsed method would squash all the others
     for ax, metric in zip(axes.flat, ys):
-        seen = set()
-        for r in rows:
+        for r, ratio in zip(rows, ratios):
             y = _value(r, metric)
             if y is None:
                 continue
-            x = 100 * (_value(r, "ppl") / base - 1)
-            ax.scatter(x, y, color=colors[r["method"]], label=None if r["method"] in seen else r["method"])
-            seen.add(r["method"])
-            ax.annotate(r["label"].split(" ", 1)[-1], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("perplexity change from the base model (%)")
+            x = ratio if log_x else 100 * (ratio - 1)
+            ax.plot([x], [y], linestyle="", marker=shapes[_setting(r)], fillstyle=fills[r.get("calib") or "none"],
+                    color=colors[r["method"]], markersize=8, markeredgewidth=1.5)
+        if log_x:
+            from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("perplexity / base model perplexity (log scale)")
+        else:
+            ax.set_xlabel("perplexity change from the base model (%)")
         ax.set_ylabel(TITLES.get(metric, metric))
         ax.set_title(f"{TITLES.get(metric, metric)} against perplexity change")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles = [Line2D([], [], linestyle="", marker="o", color=colors[m], label=m) for m in methods]
+    handles += [Line2D([], [], linestyle="", marker=shapes[st], color="gray", label=st) for st in settings]
+    if len(calibs) > 1 or calibs != ["none"]:
+        handles += [Line2D([], [], linestyle="", marker="o", fillstyle=fills[c], color="gray", markersize=8,
+                           label=f"calib: {c}") for c in calibs]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8,
+               bbox_to_anchor=(0.5, -0.02 - 0.05 * (len(handles) // 9)))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     _save(fig, path)
     plt.close(fig)
     return True
@@ -333,5 +373,5 @@ def write_report(directory: str | os.PathLike, plots: bool = True) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".report.md.", dir=directory)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text + "\n")
-    os.replace(tmp, path)
+    _publish(tmp, path)
     return path
