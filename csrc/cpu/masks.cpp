@@ -339,17 +339,54 @@ NmPlan make_nm_plan(int n, int m) {
 
 // KEEP bits of 16 lanes (16/M whole groups): lanes whose rank (partners below them) is >= M - n.
 // The rank is counted with M - 1 permutes; ties go to the earlier lane through the compare's mask.
-template <int M>
-LMSQ_AVX512 inline __mmask16 nm_keep16(__m512i v, const __m512i* perm, const __mmask16* first, __m512i prune_below) {
-  const __m512i one = _mm512_set1_epi32(1);
-  __m512i rank = _mm512_setzero_si512();
-#pragma GCC unroll 16
-  for (int s = 0; s < M - 1; ++s) {
-    const __m512i w = _mm512_permutexvar_epi32(perm[s], v);
-    const __mmask16 lower = _mm512_cmplt_epu32_mask(w, v) | _mm512_mask_cmpeq_epi32_mask(first[s], w, v);
-    rank = _mm512_mask_add_epi32(rank, lower, rank, one);
+// M = 4 (2:4 above all) with a third of the vector work: "partner +3 is below me" is the negation
+// of "I am below my partner +1" (a strict order: ties go to the earlier lane), so that relation is
+// the +1 compare's bits moved one lane within each group of four, and the rank test is bit logic
+// on the three 16-bit masks.
+LMSQ_AVX512 inline __mmask16 nm_keep16_m4(__m512i v, const __m512i* perm, const __mmask16* first, int n) {
+  const __m512i w1 = _mm512_permutexvar_epi32(perm[0], v), w2 = _mm512_permutexvar_epi32(perm[1], v);
+  const uint32_t l1 = _mm512_cmplt_epu32_mask(w1, v) | _mm512_mask_cmpeq_epi32_mask(first[0], w1, v);
+  const uint32_t l2 = _mm512_cmplt_epu32_mask(w2, v) | _mm512_mask_cmpeq_epi32_mask(first[1], w2, v);
+  const uint32_t l3 = ~(((l1 << 1) & 0xEEEEu) | ((l1 >> 3) & 0x1111u)) & 0xFFFFu;
+  switch (n) {  // keep when at least 4 - n partners are below
+    case 1: return static_cast<__mmask16>(l1 & l2 & l3);
+    case 2: return static_cast<__mmask16>((l1 & l2) | (l1 & l3) | (l2 & l3));
+    default: return static_cast<__mmask16>(l1 | l2 | l3);
   }
-  return _mm512_cmpge_epi32_mask(rank, prune_below);
+}
+
+// Lanes (of 16) whose position in their group of M is >= s.
+constexpr uint32_t lanes_from(int M, int s) {
+  uint32_t bits = 0;
+  for (int l = 0; l < 16; ++l)
+    if (l % M >= s) bits |= 1u << l;
+  return bits;
+}
+
+// Any M dividing 16: compares for the shifts 1 .. M/2 only; for s < M/2, "partner +(M-s) is below
+// me" is the negation of "I am below my partner +s", read one partner over (bits moved s lanes
+// within each group). The M - 1 relations are then summed per lane.
+template <int M>
+LMSQ_AVX512 inline __mmask16 nm_keep16(__m512i v, const __m512i* perm, const __mmask16* first, __m512i prune_below,
+                                       int n) {
+  if constexpr (M == 4) {
+    return nm_keep16_m4(v, perm, first, n);
+  } else {
+    const __m512i one = _mm512_set1_epi32(1);
+    uint32_t lower[M];
+#pragma GCC unroll 16
+    for (int s = 1; s <= M / 2; ++s) {
+      const __m512i w = _mm512_permutexvar_epi32(perm[s - 1], v);
+      lower[s] = _mm512_cmplt_epu32_mask(w, v) | _mm512_mask_cmpeq_epi32_mask(first[s - 1], w, v);
+    }
+#pragma GCC unroll 16
+    for (int s = 1; s < M / 2; ++s)
+      lower[M - s] = ~(((lower[s] << s) & lanes_from(M, s)) | ((lower[s] >> (M - s)) & ~lanes_from(M, s))) & 0xFFFFu;
+    __m512i rank = _mm512_setzero_si512();
+#pragma GCC unroll 16
+    for (int s = 1; s < M; ++s) rank = _mm512_mask_add_epi32(rank, static_cast<__mmask16>(lower[s]), rank, one);
+    return _mm512_cmpge_epi32_mask(rank, prune_below);
+  }
 }
 
 template <typename T>
@@ -359,7 +396,7 @@ LMSQ_AVX512 inline __m512i nm_keys16(const T* row, const float* sq, int64_t j, _
   return key16(f);
 }
 
-// M a compile-time constant, so the M - 1 permutes unroll with their index vectors in registers
+// M a compile-time constant, so the permutes unroll with their index vectors in registers
 // (a run-time loop over them, with the tie mask going through a general register, cost 24 cycles
 // a vector on Zen 4); 64 columns per mask store, streaming where the mask is 64-byte aligned.
 template <int M, typename T>
@@ -378,7 +415,8 @@ LMSQ_AVX512 void nm_avx512(const T* __restrict__ row,     // [c]
   for (; j + 64 <= c; j += 64) {
     __mmask64 kept = 0;
     for (int q = 0; q < 4; ++q)
-      kept |= static_cast<__mmask64>(nm_keep16<M>(nm_keys16(row, sq, j + 16 * q, 0xFFFF), perm, first, prune_below))
+      kept |= static_cast<__mmask64>(
+                  nm_keep16<M>(nm_keys16(row, sq, j + 16 * q, 0xFFFF), perm, first, prune_below, p.n))
               << (16 * q);
     const __m512i bytes = _mm512_maskz_set1_epi8(kept, 1);
     if (aligned) _mm512_stream_si512(reinterpret_cast<__m512i*>(keep + j), bytes);
@@ -386,7 +424,7 @@ LMSQ_AVX512 void nm_avx512(const T* __restrict__ row,     // [c]
   }
   for (; j < c; j += 16) {
     const __mmask16 km = tail_mask(c - j);  // c is a multiple of M, so a tail holds whole groups
-    const __mmask16 kept = nm_keep16<M>(nm_keys16(row, sq, j, km), perm, first, prune_below);
+    const __mmask16 kept = nm_keep16<M>(nm_keys16(row, sq, j, km), perm, first, prune_below, p.n);
     _mm_mask_storeu_epi8(keep + j, km, _mm_maskz_set1_epi8(kept, 1));
   }
 }

@@ -10,7 +10,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # rows x cols: 1, odd sizes, non-multiples of the 16-lane vector, and rows of >= 1024 columns that
 # take the sampled-bracket path of the C++ selection
 ROW_SHAPES = [(1, 1), (13, 7), (5, 257), (3, 769), (6, 4100)]
-NM = [(2, 4), (1, 4), (4, 8), (3, 8), (1, 2), (8, 16), (2, 5), (3, 12)]  # 2:5 and 3:12: the scalar path
+NM = [(2, 4), (1, 4), (3, 4), (4, 8), (3, 8), (1, 2), (8, 16), (2, 5), (3, 12)]  # 2:5 and 3:12: the scalar path
 
 
 def _scores(rows, cols, dtype, seed=0, ties=True):
