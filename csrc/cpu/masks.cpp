@@ -9,7 +9,7 @@
 //      pivots and their ranks in the sample; the two pivots around the target rank (with a 3-sigma
 //      margin) bracket it. One pass counts the keys below the bracket and compresses the keys inside
 //      it (about a quarter of the row), then a vector quickselect (three-way partition with
-//      compress, median-of-3 pivots) finds the k-th key value t and how many keys equal it. Ties at
+//      compress, pivots near the target's quantile) finds the k-th key value t and how many keys equal it. Ties at
 //      t are settled by column: when all copies of t are pruned the mask is one compare a vector,
 //      else a scan finds the column of the last pruned copy. A bracket that misses (rare) makes the
 //      whole row the candidate set, so the result is exact either way.
@@ -136,15 +136,20 @@ LMSQ_AVX512 int64_t gather_bracket(const uint32_t* __restrict__ keys, int64_t c,
 }
 
 // The r-th smallest (1-based) of the n candidate keys in s.cand[0]: quickselect with a three-way
-// vector partition around a median-of-3 pivot, nth_element once 48 or fewer remain. *less and
+// vector partition around a pivot picked near the target's quantile, nth_element once 48 or fewer
+// remain. *less and
 // *equal get how many of the n keys are smaller than / equal to the answer.
 LMSQ_AVX512 uint32_t select_key(Scratch& s, int64_t n, int64_t r, int64_t* less, int64_t* equal) {
   int cur = 0;
   int64_t passed = 0;  // keys known to be smaller, from partitions that went right
   while (n > 48) {
     const uint32_t* ck = s.cand[cur].data();
-    const uint32_t a = ck[n / 4], b = ck[n / 2], c = ck[(3 * n) / 4];
-    const uint32_t p = std::max(std::min(a, b), std::min(std::max(a, b), c));
+    // pivot: of 7 spread keys, the one at the target's quantile, so the side that holds the
+    // target is small (a median pivot only halves the candidates each pass)
+    uint32_t probe[7];
+    for (int i = 0; i < 7; ++i) probe[i] = ck[((2 * i + 1) * n) / 14];
+    std::sort(probe, probe + 7);
+    const uint32_t p = probe[std::min<int64_t>(6, (7 * (r - 1)) / n)];
     const int lt_buf = (cur + 1) % 3, gt_buf = (cur + 2) % 3;
     uint32_t* lk = s.cand[lt_buf].data();
     uint32_t* gk = s.cand[gt_buf].data();
