@@ -1,7 +1,7 @@
 """Backend choice shared by every op (DESIGN.md, "one contract for every op").
 
 Auto-selection: CUDA tensor -> cuda, else triton, else ref; CPU tensor -> cpu (C++), else ref.
-`backend=` or LMSQUEEZE_BACKEND forces one; a forced backend that cannot run raises, an automatic
+`backend=`, LMSQUEEZE_BACKEND_<OP> or LMSQUEEZE_BACKEND forces one; a forced backend that cannot run raises, an automatic
 choice that cannot run falls back and says why once per (op, backend).
 """
 from __future__ import annotations
@@ -61,7 +61,10 @@ def choose_backend(op: str, device: torch.device, backend: str | None, implement
 
     implemented: the backends this op has (always includes "ref").
     """
-    forced = backend or os.environ.get("LMSQUEEZE_BACKEND") or None
+    # per op (LMSQUEEZE_BACKEND_HESSIAN_UPDATE=ref: time one kernel's reference inside a whole run),
+    # then for every op
+    forced = (backend or os.environ.get(f"LMSQUEEZE_BACKEND_{op.upper()}") or os.environ.get("LMSQUEEZE_BACKEND")
+              or None)
     if forced is not None:
         if forced not in BACKENDS:
             raise LmsqueezeError(f"unknown backend '{forced}'; valid: {', '.join(BACKENDS)}")

@@ -121,3 +121,16 @@ def test_auto_falls_back_to_ref_without_extension(monkeypatch):
     assert torch.equal(s, torch.ones(4))
     with pytest.raises(LmsqueezeError, match="pretend not built"):
         col_sq_norm_update(s, torch.ones(3, 4), 0, backend="cpu")
+
+
+def test_per_op_backend_variable_wins_over_the_global_one(monkeypatch):
+    from lmsqueeze.kernels._dispatch import choose_backend
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("LMSQUEEZE_BACKEND", "cpu")
+    monkeypatch.setenv("LMSQUEEZE_BACKEND_HESSIAN_UPDATE", "ref")
+    assert choose_backend("hessian_update", cpu, None, ("ref", "cpu")) == "ref"
+    assert choose_backend("hessian_update", cpu, "cpu", ("ref", "cpu")) == "cpu"  # an explicit argument wins
+    monkeypatch.setenv("LMSQUEEZE_BACKEND_WANDA_MASK", "gpu")
+    with pytest.raises(LmsqueezeError, match="unknown backend 'gpu'"):
+        choose_backend("wanda_mask", cpu, None, ("ref", "cpu"))
