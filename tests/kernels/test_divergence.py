@@ -147,3 +147,18 @@ def test_topk_against_itself_is_zero():
     top, idx, tail = topk_summary(p, 16)
     d = token_divergence_topk(top, idx, tail, p)
     assert d.kl_pq.abs().max() < 1e-6 and d.kl_qp.abs().max() < 1e-6 and d.jsd.abs().max() < 1e-6 and d.top1.all()
+
+
+def test_topk_top1_agrees_with_argmax_when_the_top_is_tied():
+    # coarse bf16-like logits: many rows whose maximum is shared by several tokens; topk may list the
+    # tied tokens in any order, top-1 must still mean torch.argmax on both sides
+    g = torch.Generator().manual_seed(11)
+    base = torch.randint(0, 100, (400, 300), generator=g).float()  # about 3 tokens share each row's top
+    model = base.clone()
+    model[::3] += torch.randint(0, 2, (134, 300), generator=g).float()  # other rows disagree now and then
+    top, idx, tail = topk_summary(base, 16)
+    assert (top[:, 1] == top[:, 0]).float().mean() > 0.8  # the top is tied in most rows
+    assert (top[:, -1] < top[:, 0]).all()  # but every tie fits in the top-k
+    got = token_divergence_topk(top, idx, tail, model)
+    assert torch.equal(got.top1, base.argmax(-1) == model.argmax(-1))
+    assert got.top1[1::3].all()  # identical rows always agree
