@@ -126,11 +126,13 @@ def test_auto_falls_back_to_ref_without_extension(monkeypatch):
 def test_per_op_backend_variable_wins_over_the_global_one(monkeypatch):
     from lmsqueeze.kernels._dispatch import choose_backend
 
-    cpu = torch.device("cpu")
-    monkeypatch.setenv("LMSQUEEZE_BACKEND", "cpu")
+    cpu = torch.device("cpu")  # (no backend here needs the extension: this also runs with LMSQUEEZE_NO_EXT=1)
+    monkeypatch.setenv("LMSQUEEZE_BACKEND", "cuda")  # would refuse CPU tensors
     monkeypatch.setenv("LMSQUEEZE_BACKEND_HESSIAN_UPDATE", "ref")
-    assert choose_backend("hessian_update", cpu, None, ("ref", "cpu")) == "ref"
-    assert choose_backend("hessian_update", cpu, "cpu", ("ref", "cpu")) == "cpu"  # an explicit argument wins
+    assert choose_backend("hessian_update", cpu, None, ("ref", "cpu", "cuda")) == "ref"
+    with pytest.raises(LmsqueezeError, match="backend 'cuda' cannot run col_sq_norm_update"):
+        choose_backend("col_sq_norm_update", cpu, None, ("ref", "cpu", "cuda"))  # other ops keep the global one
     monkeypatch.setenv("LMSQUEEZE_BACKEND_WANDA_MASK", "gpu")
+    assert choose_backend("wanda_mask", cpu, "ref", ("ref", "cpu")) == "ref"  # an explicit argument wins
     with pytest.raises(LmsqueezeError, match="unknown backend 'gpu'"):
         choose_backend("wanda_mask", cpu, None, ("ref", "cpu"))
