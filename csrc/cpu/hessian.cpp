@@ -1,10 +1,11 @@
 // Hessian accumulation H <- H * n/(n+m) + (2/(n+m)) * X^T X on the CPU, lower triangle only.
 //
 // bf16 x on a CPU with AVX-512-BF16 (the usual calibration case) runs our own micro-kernel:
-//   1. pack the valid rows once (into a workspace kept until hessian_finalize_cpu) into "pair panels": packed[q][p][l] is one 32-bit word holding
-//      (x[2p, 16q + l], x[2p + 1, 16q + l]) as two bf16, i.e. 16 columns per panel, token pairs
-//      along the panel. That is the operand layout of vdpbf16ps, and because both GEMM operands are
-//      the same X, one packed copy serves as the broadcast (row) side and the vector (column) side.
+//   1. pack the valid rows once, into a workspace kept until hessian_finalize_cpu, as "pair
+//      panels": packed[q][p][l] is one 32-bit word holding (x[2p, 16q + l], x[2p + 1, 16q + l])
+//      as two bf16, i.e. 16 columns per panel, token pairs along the panel. That is the operand
+//      layout of vdpbf16ps, and because both GEMM operands are the same X, one packed copy serves
+//      as the broadcast (row) side and the vector (column) side.
 //   2. an 8 x 48 register tile (24 zmm accumulators) runs over a k-block of 128 token pairs with
 //      vdpbf16ps: each instruction multiplies bf16 pairs exactly and adds them in fp32. The tile is
 //      then folded into H with the scaling (first k-block: a*H + b*acc, later ones: H + b*acc), so

@@ -9,15 +9,16 @@
 //      pivots and their ranks in the sample; the two pivots around the target rank (with a 3-sigma
 //      margin) bracket it. One pass counts the keys below the bracket and compresses the keys inside
 //      it (about a quarter of the row), then a vector quickselect (three-way partition with
-//      compress, pivots near the target's quantile) finds the k-th key value t and how many keys equal it. Ties at
-//      t are settled by column: when all copies of t are pruned the mask is one compare a vector,
-//      else a scan finds the column of the last pruned copy. A bracket that misses (rare) makes the
-//      whole row the candidate set, so the result is exact either way.
+//      compress, pivots near the target's quantile) finds the k-th key value t and how many keys
+//      equal it. Ties at t are settled by column: when all copies of t are pruned the mask is one
+//      compare a vector, else a scan finds the column of the last pruned copy. A bracket that
+//      misses (rare) makes the whole row the candidate set, so the result is exact either way.
 //      N:M with M dividing 16: each lane ranks itself against the other M-1 lanes of its group via
-//      lane permutes, so one zmm handles 16/M groups with no sort at all.
+//      lane permutes (compares for half the partner shifts, the other half read from the partner),
+//      so one zmm handles 16/M groups with no sort at all.
 //   3. one pass writes the mask bytes, 64 per streaming store.
 // Cost on this Zen 4 core, 4096-column bf16 Wanda rows: ~2.2K cycles the keys (mostly waiting on
-// memory), ~2K the sample, ~1.7K the bracket pass, ~2.9K the quickselect, ~1K the mask.
+// memory), ~2K the sample, ~1.7K the bracket pass, 2-3K the quickselect, ~0.6K the mask.
 // OpenMP over rows. A CPU without AVX-512 (or an ISA cap) runs the scalar versions: nth_element on
 // (key, column) pairs for rows, a rank count per group for N:M.
 #include <immintrin.h>
@@ -137,8 +138,7 @@ LMSQ_AVX512 int64_t gather_bracket(const uint32_t* __restrict__ keys, int64_t c,
 
 // The r-th smallest (1-based) of the n candidate keys in s.cand[0]: quickselect with a three-way
 // vector partition around a pivot picked near the target's quantile, nth_element once 48 or fewer
-// remain. *less and
-// *equal get how many of the n keys are smaller than / equal to the answer.
+// remain. *less and *equal get how many of the n keys are smaller than / equal to the answer.
 LMSQ_AVX512 uint32_t select_key(Scratch& s, int64_t n, int64_t r, int64_t* less, int64_t* equal) {
   int cur = 0;
   int64_t passed = 0;  // keys known to be smaller, from partitions that went right
@@ -209,7 +209,7 @@ LMSQ_AVX512 int64_t nth_equal(const uint32_t* keys, int64_t c, uint32_t t, int64
   return c - 1;  // not reached: need never exceeds the number of copies of t
 }
 
-// Mask bytes 64 columns at a time, pruned(keys, j) giving the 16-lane pruned bits at column j.
+// Mask bytes 64 columns at a time, pruned(j, lanes) giving the pruned bits of the 16 columns at j.
 // Where keep is 64-byte aligned the 64 bytes go out in one streaming store: the mask is not read
 // back here, so its lines need no read-for-ownership (the caller fences once after all rows).
 template <typename Pruned>
@@ -342,8 +342,8 @@ NmPlan make_nm_plan(int n, int m) {
   return p;
 }
 
-// KEEP bits of 16 lanes (16/M whole groups): lanes whose rank (partners below them) is >= M - n.
-// The rank is counted with M - 1 permutes; ties go to the earlier lane through the compare's mask.
+// KEEP bits of 16 lanes (16/M whole groups): lanes whose rank (partners below them) is >= M - n;
+// ties go to the earlier lane through the compare's mask.
 // M = 4 (2:4 above all) with a third of the vector work: "partner +3 is below me" is the negation
 // of "I am below my partner +1" (a strict order: ties go to the earlier lane), so that relation is
 // the +1 compare's bits moved one lane within each group of four, and the rank test is bit logic
@@ -397,7 +397,10 @@ LMSQ_AVX512 inline __mmask16 nm_keep16(__m512i v, const __m512i* perm, const __m
 template <typename T>
 LMSQ_AVX512 inline __m512i nm_keys16(const T* row, const float* sq, int64_t j, __mmask16 km) {
   __m512 f = km == 0xFFFF ? load16(row + j) : load16(row + j, km);
-  if (sq) f = _mm512_mul_ps(_mm512_abs_ps(f), km == 0xFFFF ? _mm512_loadu_ps(sq + j) : _mm512_maskz_loadu_ps(km, sq + j));
+  if (sq) {
+    const __m512 norm = km == 0xFFFF ? _mm512_loadu_ps(sq + j) : _mm512_maskz_loadu_ps(km, sq + j);
+    f = _mm512_mul_ps(_mm512_abs_ps(f), norm);
+  }
   return key16(f);
 }
 

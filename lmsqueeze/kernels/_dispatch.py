@@ -1,8 +1,9 @@
 """Backend choice shared by every op (DESIGN.md, "one contract for every op").
 
 Auto-selection: CUDA tensor -> cuda, else triton, else ref; CPU tensor -> cpu (C++), else ref.
-`backend=`, LMSQUEEZE_BACKEND_<OP> or LMSQUEEZE_BACKEND forces one; a forced backend that cannot run raises, an automatic
-choice that cannot run falls back and says why once per (op, backend).
+`backend=`, LMSQUEEZE_BACKEND_<OP> or LMSQUEEZE_BACKEND forces one (in that order); a forced backend
+that cannot run raises, an automatic choice that cannot run falls back and says why once per
+(op, backend).
 """
 from __future__ import annotations
 
