@@ -1,24 +1,25 @@
 // KEEP masks from scores on the CPU: exact count per row, or N of every M, with deterministic ties.
 //
 // Every score becomes an order-preserving 32-bit key (the float's bits with the sign handled, -0
-// equal to +0), so "lower score, and among equal scores the lower column index, is pruned first" is
-// plain unsigned order on (key, column). One row at a time per thread:
-//   1. keys of the row into a buffer that stays in L1/L2 (fused Wanda: |W| * sqrt(norm) computed in
-//      the same pass, so the scores never reach memory);
-//   2. row-wise: the k-th smallest key without sorting. A strided sample of 256 keys gives 32
-//      pivots and their ranks in the sample; the two pivots around the target rank (with a 3-sigma
-//      margin) bracket it. One pass counts the keys below the bracket and compresses the keys inside
-//      it (about a quarter of the row), then a vector quickselect (three-way partition with
-//      compress, pivots near the target's quantile) finds the k-th key value t and how many keys
-//      equal it. Ties at t are settled by column: when all copies of t are pruned the mask is one
-//      compare a vector, else a scan finds the column of the last pruned copy. A bracket that
-//      misses (rare) makes the whole row the candidate set, so the result is exact either way.
-//      N:M with M dividing 16: each lane ranks itself against the other M-1 lanes of its group via
-//      lane permutes (compares for half the partner shifts, the other half read from the partner),
-//      so one zmm handles 16/M groups with no sort at all.
-//   3. one pass writes the mask bytes, 64 per streaming store.
-// Cost on this Zen 4 core, 4096-column bf16 Wanda rows: ~2.2K cycles the keys (mostly waiting on
-// memory), ~2K the sample, ~1.7K the bracket pass, 2-3K the quickselect, ~0.6K the mask.
+// equal to +0; NaN last), so "lower score, and among equal scores the lower column index, is
+// pruned first" is plain unsigned order on (key, column). One row at a time per thread:
+//   row-wise (exact k per row): 256 keys sampled straight from the row (16 chunks of 16 columns)
+//   rank 16 pivots; the two around the target rank, with a 3-sigma margin, bracket the k-th key.
+//   One pass over the row computes the keys (fused Wanda: |w| * sqrt(norm), the scores never reach
+//   memory), counts those below the bracket and compresses those inside it (about a quarter of the
+//   row) while prefetching the next row. Rounds of probe-ranked cuts (count, then compress the one
+//   value range that holds the target) shrink the candidates about 3x a round; the last 32 or
+//   fewer are ranked in registers. That gives the k-th key value t and how many keys equal it; ties
+//   at t are settled by column: when all copies of t are pruned the mask is one compare a vector,
+//   else a scan finds the column of the last pruned copy. A bracket that misses (rare) makes the
+//   whole row the candidate set, so the result is exact either way.
+//   N:M with M dividing 16: each lane ranks itself against the other M-1 lanes of its group via
+//   lane permutes (compares for half the partner shifts, the other half read from the partner),
+//   so one zmm handles 16/M groups with no sort at all.
+// Masks go out 64 bytes per streaming store.
+// Cost on this Zen 4 core, 4096-column bf16 Wanda rows, data in cache: ~0.8K cycles the sample,
+// ~2.5K the keys-and-bracket pass (vector-ALU bound: convert, multiply, compress), ~1.4-1.9K the
+// rounds, ~0.7K the mask.
 // OpenMP over rows. A CPU without AVX-512 (or an ISA cap) runs the scalar versions: nth_element on
 // (key, column) pairs for rows, a rank count per group for N:M.
 #include <immintrin.h>
@@ -39,6 +40,7 @@ namespace {
 #define LMSQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq")))
 
 inline uint32_t float_key(float f) {
+  if (std::isnan(f)) return 0xFFFFFFFFu;  // every NaN last and equal to the others, as in torch.sort
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   if (u == 0x80000000u) u = 0;  // -0 ties with +0, as in torch.sort
@@ -53,7 +55,8 @@ LMSQ_AVX512 inline __m512i key16(__m512 f) {
   __m512i u = _mm512_castps_si512(f);
   const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
   u = _mm512_mask_mov_epi32(u, _mm512_cmpeq_epi32_mask(u, sign), _mm512_setzero_si512());
-  return _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
+  u = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
+  return _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(-1));  // NaN last
 }
 
 LMSQ_AVX512 inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
@@ -72,30 +75,31 @@ LMSQ_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 k) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
 }
 
-// ---- keys of one row ------------------------------------------------------------------------
-// sq == nullptr: keys of the scores themselves; else Wanda scores |w| * sq[j].
-// `next` (the row this thread does next, or nullptr) is prefetched into L2 on the way: the select
-// that follows is all L1 work, so without it the next row's loads wait on memory (4096 x 4096
-// bf16 Wanda: 9.1 -> 7.4 ms).
+// ---- keys -----------------------------------------------------------------------------------------
+// sq == nullptr: keys of the scores themselves (key16: any sign). Else Wanda scores |w| * sq[j]:
+// those are >= 0 or NaN, so the float bits with the sign cleared already order as unsigned
+// integers (-0 becomes +0), and a min makes every NaN one key above +inf (torch.sort puts NaN last,
+// in column order): two cheap operations instead of key16's five. |w * sq| equals |w| * sq bit for
+// bit: rounding does not depend on the sign.
 template <typename T>
-LMSQ_AVX512 void row_keys_avx512(const T* __restrict__ row,      // [c]
-                                 const float* __restrict__ sq,   // [c] or nullptr
-                                 int64_t c, uint32_t* __restrict__ keys,  // [c]
-                                 const T* __restrict__ next) {
-  // full vectors take plain loads/stores: masked ones cost more on some cores (Zen 4 among them)
+LMSQ_AVX512 inline __m512i keys16(const T* row, const float* sq, int64_t j, __mmask16 km) {
+  const bool full = km == 0xFFFF;  // full vectors take plain loads: masked ones cost more on Zen 4
+  const __m512 f = full ? load16(row + j) : load16(row + j, km);
+  if (!sq) return key16(f);
+  const __m512 norm = full ? _mm512_loadu_ps(sq + j) : _mm512_maskz_loadu_ps(km, sq + j);
+  const __m512i bits = _mm512_castps_si512(_mm512_abs_ps(_mm512_mul_ps(f, norm)));
+  return _mm512_min_epu32(bits, _mm512_set1_epi32(0x7F800001));
+}
+
+// Keys of a whole row (rows too short to sample, and N:M groups that do not divide 16).
+template <typename T>
+LMSQ_AVX512 void row_keys_avx512(const T* __restrict__ row, const float* __restrict__ sq, int64_t c,
+                                 uint32_t* __restrict__ keys) {
   int64_t j = 0;
-  for (; j + 16 <= c; j += 16) {
-    if (next && (j * static_cast<int64_t>(sizeof(T))) % 64 == 0)
-      _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T1);
-    __m512 v = load16(row + j);
-    if (sq) v = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_loadu_ps(sq + j));
-    _mm512_storeu_si512(keys + j, key16(v));
-  }
+  for (; j + 16 <= c; j += 16) _mm512_storeu_si512(keys + j, keys16(row, sq, j, 0xFFFF));
   if (j < c) {
     const __mmask16 k = tail_mask(c - j);
-    __m512 v = load16(row + j, k);
-    if (sq) v = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_maskz_loadu_ps(k, sq + j));
-    _mm512_mask_storeu_epi32(keys + j, k, key16(v));
+    _mm512_mask_storeu_epi32(keys + j, k, keys16(row, sq, j, k));
   }
 }
 
@@ -103,7 +107,7 @@ template <typename T>
 void row_keys_generic(const T* __restrict__ row, const float* __restrict__ sq, int64_t c, uint32_t* __restrict__ keys) {
   for (int64_t j = 0; j < c; ++j) {
     const float v = static_cast<float>(row[j]);
-    keys[j] = float_key(sq ? std::fabs(v) * sq[j] : v);
+    keys[j] = float_key(sq ? std::fabs(v * sq[j]) : v);  // NaN last, as in keys16
   }
 }
 
@@ -255,49 +259,195 @@ struct PrunedWithTies {  // key < t, or key == t at a column <= t_idx
   }
 };
 
-LMSQ_AVX512 void rowwise_avx512(const uint32_t* __restrict__ keys, int64_t c, int64_t k, Scratch& s,
-                                bool* __restrict__ keep) {
-  constexpr int64_t kSample = 256, kPivots = 32;
+// [lo, hi] around the k-th smallest of a row's c keys, from 256 of them: 16 pivots (one from each
+// 16-key chunk, each from a different lane) are ranked against the whole sample; lo is the highest
+// pivot with at most q * 256 - 3 sigma - 2 sample keys below it, hi the lowest with at least
+// q * 256 + 3 sigma + 2 (q = k / c). Without such a pivot the side stays open (0 / max). The pass
+// that follows counts exactly, so a bracket that misses costs time, never the answer.
+LMSQ_AVX512 void pick_bracket(const uint32_t* sample, int64_t k, int64_t c, uint32_t* lo, uint32_t* hi) {
+  constexpr int kSample = 256;
+  const double q = static_cast<double>(k) / static_cast<double>(c);
+  const double delta = 3.0 * std::sqrt(kSample * q * (1.0 - q)) + 2.0;
+  const int want_lo = static_cast<int>(std::floor(q * kSample - delta));
+  const int want_hi = static_cast<int>(std::ceil(q * kSample + delta));
+  const __m512i diag = _mm512_setr_epi32(0, 17, 34, 51, 68, 85, 102, 119, 136, 153, 170, 187, 204, 221, 238, 255);
+  const __m512i pivot = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), 0xFFFF, diag, sample, 4);
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i rank = _mm512_setzero_si512();  // sample keys below each pivot
+  for (int j = 0; j < kSample; ++j)
+    rank = _mm512_mask_add_epi32(rank, _mm512_cmpgt_epu32_mask(pivot, _mm512_set1_epi32(static_cast<int>(sample[j]))),
+                                 rank, one);
+  const __mmask16 low = _mm512_cmple_epi32_mask(rank, _mm512_set1_epi32(want_lo));
+  const __mmask16 high = _mm512_cmpge_epi32_mask(rank, _mm512_set1_epi32(want_hi));
+  *lo = low ? _mm512_mask_reduce_max_epu32(low, pivot) : 0u;
+  *hi = high ? _mm512_mask_reduce_min_epu32(high, pivot) : 0xFFFFFFFFu;
+}
+
+// One pass over the row: its keys into `keys`, how many are below lo into *below, and those in
+// [lo, hi] compressed into `cand` in column order; returns how many. The next row is prefetched
+// into L2 on the way: the selection that follows is all L1 work, so without it the next row's
+// loads would wait on memory.
+template <typename T>
+LMSQ_AVX512 int64_t keys_and_bracket(const T* __restrict__ row, const float* __restrict__ sq, int64_t c,
+                                     uint32_t lo, uint32_t hi, uint32_t* __restrict__ keys,
+                                     uint32_t* __restrict__ cand, int64_t* below, const T* __restrict__ next) {
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo)), vhi = _mm512_set1_epi32(static_cast<int>(hi));
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i vbelow = _mm512_setzero_si512();  // counted in a vector: no mask-to-GPR trip per vector
+  int64_t n = 0, j = 0;
+  for (; j + 16 <= c; j += 16) {
+    if (next && (j * static_cast<int64_t>(sizeof(T))) % 64 == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T1);
+    const __m512i v = keys16(row, sq, j, 0xFFFF);
+    _mm512_storeu_si512(keys + j, v);
+    const __mmask16 lt = _mm512_cmplt_epu32_mask(v, vlo);
+    vbelow = _mm512_mask_add_epi32(vbelow, lt, vbelow, one);
+    const __mmask16 in = _mm512_mask_cmple_epu32_mask(static_cast<__mmask16>(~lt), v, vhi);
+    _mm512_storeu_si512(cand + n, _mm512_maskz_compress_epi32(in, v));
+    n += _mm_popcnt_u32(in);
+  }
+  int64_t nb = _mm512_reduce_add_epi32(vbelow);
+  if (j < c) {
+    const __mmask16 km = tail_mask(c - j);
+    const __m512i v = keys16(row, sq, j, km);
+    _mm512_mask_storeu_epi32(keys + j, km, v);
+    const __mmask16 lt = _mm512_mask_cmplt_epu32_mask(km, v, vlo);
+    const __mmask16 in = _mm512_mask_cmple_epu32_mask(km & ~lt, v, vhi);
+    nb += _mm_popcnt_u32(lt);
+    _mm512_storeu_si512(cand + n, _mm512_maskz_compress_epi32(in, v));
+    n += _mm_popcnt_u32(in);
+  }
+  *below = nb;
+  return n;
+}
+
+// The r-th smallest (1-based) of the n keys in s.cand[0], as select_key, in rounds that keep one
+// range of values each: 16 probes spread over the candidates are ranked among themselves, and the
+// two around the target's expected place (a margin of 1.5 probes each side) cut the values into
+// < a, [a, b], > b. One counting pass says which holds the target, one compress pass keeps it
+// (about 3x fewer keys a round on random data). 32 or fewer left: every one ranked in registers.
+// A round that cannot shrink the set (a and b the extremes, or all equal) hands over to the
+// three-way partition of select_key.
+LMSQ_AVX512 uint32_t select_probe(Scratch& s, int64_t n, int64_t r, int64_t* less, int64_t* equal) {
+  int cur = 0;
+  int64_t passed = 0;  // keys known to be smaller, from ranges left below
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  while (n > 32) {
+    const uint32_t* ck = s.cand[cur].data();
+    const __m512i at = _mm512_srli_epi32(_mm512_mullo_epi32(odd, _mm512_set1_epi32(static_cast<int>(n))), 5);
+    const __m512i probe = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), 0xFFFF, at, ck, 4);  // (2i+1) n/32
+    __m512i rank = _mm512_setzero_si512();                     // probes below each probe
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i)
+      rank = _mm512_mask_add_epi32(
+          rank, _mm512_cmplt_epu32_mask(_mm512_permutexvar_epi32(_mm512_set1_epi32(i), probe), probe), rank, one);
+    const double expect = static_cast<double>(r) * 17.0 / static_cast<double>(n + 1) - 1.0;  // probes below target
+    const __mmask16 lo_ok = _mm512_cmple_epi32_mask(rank, _mm512_set1_epi32(static_cast<int>(std::floor(expect - 1.5))));
+    const __mmask16 hi_ok = _mm512_cmpge_epi32_mask(rank, _mm512_set1_epi32(static_cast<int>(std::ceil(expect + 1.5))));
+    const uint32_t a = lo_ok ? _mm512_mask_reduce_max_epu32(lo_ok, probe) : 0u;
+    const uint32_t b = hi_ok ? _mm512_mask_reduce_min_epu32(hi_ok, probe) : 0xFFFFFFFFu;
+    const __m512i va = _mm512_set1_epi32(static_cast<int>(a)), vb = _mm512_set1_epi32(static_cast<int>(b));
+    __m512i below_a = _mm512_setzero_si512(), upto_b = _mm512_setzero_si512();
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      const __m512i v = _mm512_loadu_si512(ck + j);
+      below_a = _mm512_mask_add_epi32(below_a, _mm512_cmplt_epu32_mask(v, va), below_a, one);
+      upto_b = _mm512_mask_add_epi32(upto_b, _mm512_cmple_epu32_mask(v, vb), upto_b, one);
+    }
+    int64_t A = _mm512_reduce_add_epi32(below_a), B = _mm512_reduce_add_epi32(upto_b);
+    if (j < n) {
+      const __mmask16 km = tail_mask(n - j);
+      const __m512i v = _mm512_maskz_loadu_epi32(km, ck + j);
+      A += _mm_popcnt_u32(_mm512_mask_cmplt_epu32_mask(km, v, va));
+      B += _mm_popcnt_u32(_mm512_mask_cmple_epu32_mask(km, v, vb));
+    }
+    uint32_t lo, hi;  // the values kept
+    if (r <= A) {     // A > 0: some key lies below a, so a > 0
+      lo = 0;
+      hi = a - 1;
+    } else if (r > B) {  // B < n: some key lies above b, so b < max
+      lo = b + 1;
+      hi = 0xFFFFFFFFu;
+      r -= B;
+      passed += B;
+    } else {
+      if (B - A == n) break;
+      lo = a;
+      hi = b;
+      r -= A;
+      passed += A;
+    }
+    const int nxt = (cur + 1) % 3;
+    uint32_t* out = s.cand[nxt].data();
+    const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo)), vhi = _mm512_set1_epi32(static_cast<int>(hi));
+    int64_t m = 0;
+    for (j = 0; j < n; j += 16) {
+      const __mmask16 km = tail_mask(n - j);
+      const __m512i v = j + 16 <= n ? _mm512_loadu_si512(ck + j) : _mm512_maskz_loadu_epi32(km, ck + j);
+      const __mmask16 in = _mm512_mask_cmple_epu32_mask(_mm512_mask_cmpge_epu32_mask(km, v, vlo), v, vhi);
+      _mm512_storeu_si512(out + m, _mm512_maskz_compress_epi32(in, v));
+      m += _mm_popcnt_u32(in);
+    }
+    n = m;
+    cur = nxt;
+  }
+  if (n > 32) {
+    if (cur != 0) std::copy(s.cand[cur].begin(), s.cand[cur].begin() + n, s.cand[0].begin());
+    const uint32_t t = select_key(s, n, r, less, equal);
+    *less += passed;
+    return t;
+  }
+  // the r-th key is the one with fewer than r keys below it and at least r at or below it
+  const uint32_t* ck = s.cand[cur].data();
+  const __mmask16 k0 = tail_mask(n), k1 = tail_mask(n > 16 ? n - 16 : 0);
+  const __m512i v0 = _mm512_maskz_loadu_epi32(k0, ck), v1 = _mm512_maskz_loadu_epi32(k1, ck + 16);
+  __m512i lt0 = _mm512_setzero_si512(), le0 = lt0, lt1 = lt0, le1 = lt0;
+  for (int64_t i = 0; i < n; ++i) {
+    const __m512i x = _mm512_set1_epi32(static_cast<int>(ck[i]));
+    lt0 = _mm512_mask_add_epi32(lt0, _mm512_cmplt_epu32_mask(x, v0), lt0, one);
+    le0 = _mm512_mask_add_epi32(le0, _mm512_cmple_epu32_mask(x, v0), le0, one);
+    lt1 = _mm512_mask_add_epi32(lt1, _mm512_cmplt_epu32_mask(x, v1), lt1, one);
+    le1 = _mm512_mask_add_epi32(le1, _mm512_cmple_epu32_mask(x, v1), le1, one);
+  }
+  const __m512i vr = _mm512_set1_epi32(static_cast<int>(r));
+  const __mmask16 h0 = _mm512_mask_cmplt_epi32_mask(k0, lt0, vr) & _mm512_cmpge_epi32_mask(le0, vr);
+  const __mmask16 h1 = _mm512_mask_cmplt_epi32_mask(k1, lt1, vr) & _mm512_cmpge_epi32_mask(le1, vr);
+  alignas(64) int32_t lt[32], le[32];
+  _mm512_store_si512(lt, lt0);
+  _mm512_store_si512(lt + 16, lt1);
+  _mm512_store_si512(le, le0);
+  _mm512_store_si512(le + 16, le1);
+  const int hit = h0 ? __builtin_ctz(h0) : 16 + __builtin_ctz(h1);
+  *less = passed + lt[hit];
+  *equal = le[hit] - lt[hit];
+  return ck[hit];
+}
+
+// One row's KEEP mask with exactly k pruned. Rows of 1024+ columns: a 256-key sample (16 chunks of
+// 16 columns spread over the row, computed from W directly) picks the bracket, and one pass makes
+// the keys and gathers the bracket; shorter rows (and a bracket that misses) search the whole row.
+template <typename T>
+LMSQ_AVX512 void rowwise_avx512(const T* __restrict__ row, const float* __restrict__ sq, int64_t c, int64_t k,
+                                Scratch& s, bool* __restrict__ keep, const T* __restrict__ next) {
+  uint32_t* keys = s.keys.data();
   int64_t n = 0, below = 0;
   bool bracketed = false;
-  if (c >= 4 * kSample) {
-    // 32 of a strided sample of 256 keys are pivots; their ranks in the sample pick the bracket
-    alignas(64) uint32_t sample[kSample];
-    for (int64_t i = 0; i < kSample; ++i) sample[i] = keys[(i * c) / kSample + (c / kSample) / 2];
-    alignas(64) uint32_t pivot[kPivots];
-    alignas(64) int32_t rank[kPivots];  // sample keys below each pivot
-    for (int64_t i = 0; i < kPivots; ++i) pivot[i] = sample[i * (kSample / kPivots) + kSample / kPivots / 2];
-    for (int64_t i = 0; i < kPivots; ++i) {
-      const __m512i vp = _mm512_set1_epi32(static_cast<int>(pivot[i]));
-      int32_t below_pivot = 0;
-      for (int64_t j = 0; j < kSample; j += 16)
-        below_pivot += _mm_popcnt_u32(_mm512_cmplt_epu32_mask(_mm512_load_si512(sample + j), vp));
-      rank[i] = below_pivot;
-    }
-    const double q = static_cast<double>(k) / static_cast<double>(c);
-    const double delta = 3.0 * std::sqrt(kSample * q * (1.0 - q)) + 2.0;
-    const double want_lo = q * kSample - delta, want_hi = q * kSample + delta;
-    uint32_t lo = 0, hi = 0xFFFFFFFFu;
-    int32_t rank_lo = -1, rank_hi = kSample + 1;
-    for (int64_t i = 0; i < kPivots; ++i) {
-      if (rank[i] <= want_lo && rank[i] > rank_lo) {
-        rank_lo = rank[i];
-        lo = pivot[i];
-      }
-      if (rank[i] >= want_hi && rank[i] < rank_hi) {
-        rank_hi = rank[i];
-        hi = pivot[i];
-      }
-    }
-    n = gather_bracket(keys, c, lo, hi, s.cand[0].data(), &below);
+  if (c >= 1024) {
+    alignas(64) uint32_t sample[256];
+    for (int64_t i = 0; i < 16; ++i) _mm512_store_si512(sample + 16 * i, keys16(row, sq, (i * (c - 16)) / 15, 0xFFFF));
+    uint32_t lo, hi;
+    pick_bracket(sample, k, c, &lo, &hi);
+    n = keys_and_bracket<T>(row, sq, c, lo, hi, keys, s.cand[0].data(), &below, next);
     bracketed = below < k && k <= below + n;
+  } else {
+    row_keys_avx512<T>(row, sq, c, keys);
   }
-  // small row, or the bracket missed (rare): the whole row is the candidate set
   if (!bracketed) n = gather_bracket(keys, c, 0u, 0xFFFFFFFFu, s.cand[0].data(), &below);
   int64_t less = 0, equal = 0;
-  const uint32_t t = select_key(s, n, k - below, &less, &equal);
-  // every key equal to t lies in the bracket, so `equal` counts all copies of t in the row; the
-  // first `need` of them in column order are pruned (lower column first on ties)
+  const uint32_t t = select_probe(s, n, k - below, &less, &equal);
+  // every key equal to t lies in the bracket (and in the range select_probe kept), so `equal`
+  // counts all copies of t in the row; the first `need` of them in column order are pruned
   const int64_t need = k - below - less;
   const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
   if (need == equal) {  // the usual case: one compare a vector
@@ -394,16 +544,6 @@ LMSQ_AVX512 inline __mmask16 nm_keep16(__m512i v, const __m512i* perm, const __m
   }
 }
 
-template <typename T>
-LMSQ_AVX512 inline __m512i nm_keys16(const T* row, const float* sq, int64_t j, __mmask16 km) {
-  __m512 f = km == 0xFFFF ? load16(row + j) : load16(row + j, km);
-  if (sq) {
-    const __m512 norm = km == 0xFFFF ? _mm512_loadu_ps(sq + j) : _mm512_maskz_loadu_ps(km, sq + j);
-    f = _mm512_mul_ps(_mm512_abs_ps(f), norm);
-  }
-  return key16(f);
-}
-
 // M a compile-time constant, so the permutes unroll with their index vectors in registers
 // (a run-time loop over them, with the tie mask going through a general register, cost 24 cycles
 // a vector on Zen 4); 64 columns per mask store, streaming where the mask is 64-byte aligned.
@@ -424,7 +564,7 @@ LMSQ_AVX512 void nm_avx512(const T* __restrict__ row,     // [c]
     __mmask64 kept = 0;
     for (int q = 0; q < 4; ++q)
       kept |= static_cast<__mmask64>(
-                  nm_keep16<M>(nm_keys16(row, sq, j + 16 * q, 0xFFFF), perm, first, prune_below, p.n))
+                  nm_keep16<M>(keys16(row, sq, j + 16 * q, 0xFFFF), perm, first, prune_below, p.n))
               << (16 * q);
     const __m512i bytes = _mm512_maskz_set1_epi8(kept, 1);
     if (aligned) _mm512_stream_si512(reinterpret_cast<__m512i*>(keep + j), bytes);
@@ -432,7 +572,7 @@ LMSQ_AVX512 void nm_avx512(const T* __restrict__ row,     // [c]
   }
   for (; j < c; j += 16) {
     const __mmask16 km = tail_mask(c - j);  // c is a multiple of M, so a tail holds whole groups
-    const __mmask16 kept = nm_keep16<M>(nm_keys16(row, sq, j, km), perm, first, prune_below, p.n);
+    const __mmask16 kept = nm_keep16<M>(keys16(row, sq, j, km), perm, first, prune_below, p.n);
     _mm_mask_storeu_epi8(keep + j, km, _mm_maskz_set1_epi8(kept, 1));
   }
 }
@@ -501,14 +641,14 @@ torch::Tensor mask_impl(const T* data,        // [rows, c], row stride `stride`
         continue;
       }
       const T* next = (r + 1) % kChunk != 0 && r + 1 < rows ? row + stride : nullptr;
-      if (avx512) row_keys_avx512<T>(row, sq, c, s.keys.data(), next);
-      else row_keys_generic<T>(row, sq, c, s.keys.data());
-      if (k > 0) {
-        if (avx512) rowwise_avx512(s.keys.data(), c, k, s, keep_row);
-        else rowwise_generic(s.keys.data(), c, k, s, keep_row);
-      } else {
-        nm_generic(s.keys.data(), c, n, m, keep_row);
+      if (k > 0 && avx512) {
+        rowwise_avx512<T>(row, sq, c, k, s, keep_row, next);
+        continue;
       }
+      if (avx512) row_keys_avx512<T>(row, sq, c, s.keys.data());
+      else row_keys_generic<T>(row, sq, c, s.keys.data());
+      if (k > 0) rowwise_generic(s.keys.data(), c, k, s, keep_row);
+      else nm_generic(s.keys.data(), c, n, m, keep_row);
     }
     if (avx512) _mm_sfence();  // the streaming stores of write_rowwise are visible before we return
   }

@@ -87,14 +87,70 @@ def test_cpu_scalar_paths_match_ref(ext, isa):
         ext.set_isa_cap(prev)
 
 
+def _sampled_columns(cols):
+    # where the C++ row-wise selection samples a row of >= 1024 columns: 16 chunks of 16 columns
+    return [(i * (cols - 16)) // 15 + t for i in range(16) for t in range(16)]
+
+
 def test_cpu_rowwise_when_the_sample_misleads(ext):
-    # every sampled position holds a huge score, so the sampled bracket misses the k-th key and the
+    # every sampled column holds a huge score, so the sampled bracket misses the k-th key and the
     # C++ selection must fall back to the whole-row search
     s = torch.rand(3, 2048)
-    s[:, ::8] = 1e9
+    s[:, _sampled_columns(2048)] = 1e9
     s[1] = 5.0  # one row entirely tied
     assert torch.equal(rowwise_mask(s, 0.5, backend="cpu"), rowwise_mask_ref(s, 0.5))
     assert torch.equal(rowwise_mask(s, 0.95, backend="cpu"), rowwise_mask_ref(s, 0.95))
+    W, norm = torch.rand(2, 2048), torch.ones(2048)
+    W[:, _sampled_columns(2048)] = -1e9  # |w| is what counts
+    assert torch.equal(wanda_mask(W, norm, 0.5, backend="cpu"), wanda_mask_ref(W, norm, 0.5))
+
+
+def test_cpu_nan_sorts_last_like_torch(ext):
+    # torch.sort puts every NaN last (in column order, whatever its sign or payload)
+    g = torch.Generator().manual_seed(11)
+    for cols in (40, 1100):
+        s = torch.randn(4, cols, generator=g)
+        s[:, ::5] = float("nan")
+        s[:, 1::7] = -float("nan")
+        s[1, 2::9] = torch.tensor(0x7FC00123, dtype=torch.int32).view(torch.float32)  # another payload
+        s[2] = float("nan")
+        for sparsity in (0.5, 0.9):
+            assert torch.equal(rowwise_mask(s, sparsity, backend="cpu"), rowwise_mask_ref(s, sparsity))
+        assert torch.equal(nm_mask(s, 2, 4, backend="cpu"), nm_mask_ref(s, 2, 4))
+        W, norm = torch.randn(3, cols, generator=g), torch.rand(cols, generator=g)
+        W[0, ::3] = float("nan")
+        norm[1::4] = float("nan")
+        norm[2::6] = -1.0  # sqrt of a negative norm is NaN too
+        assert torch.equal(wanda_mask(W, norm, 0.5, backend="cpu"), wanda_mask_ref(W, norm, 0.5))
+        assert torch.equal(wanda_mask(W, norm, n=2, m=4, backend="cpu"), wanda_mask_ref(W, norm, n=2, m=4))
+
+
+@requires_triton
+def test_triton_nan_sorts_last_like_torch(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(12)
+    s = torch.randn(3, 40, generator=g)
+    s[:, ::5] = float("nan")
+    s[:, 1::7] = -float("nan")
+    s[2] = float("nan")
+    assert torch.equal(rowwise_mask(s, 0.5, backend="triton"), rowwise_mask_ref(s, 0.5))
+    assert torch.equal(nm_mask(s, 2, 4, backend="triton"), nm_mask_ref(s, 2, 4))
+    W, norm = torch.randn(3, 40, generator=g), torch.rand(40, generator=g)
+    W[0, ::3] = -float("nan")
+    norm[1::4] = float("nan")
+    assert torch.equal(wanda_mask(W, norm, 0.5, backend="triton"), wanda_mask_ref(W, norm, 0.5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_wanda_rowwise_ties(ext, dtype):
+    # quantized weights and equal norms: long runs of equal scores around the threshold, settled
+    # by column order; and norms of zero make whole columns tie at 0
+    g = torch.Generator().manual_seed(4)
+    W = (torch.randint(-3, 4, (6, 4100), generator=g) / 4).to(dtype)
+    norm = torch.ones(4100)
+    norm[::10] = 0.0
+    for sparsity in (0.3, 0.5, 0.77):
+        assert torch.equal(wanda_mask(W, norm, sparsity, backend="cpu"), wanda_mask_ref(W, norm, sparsity))
 
 
 def test_cpu_extreme_values(ext):

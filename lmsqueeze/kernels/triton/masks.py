@@ -1,7 +1,7 @@
 """KEEP masks in Triton: row-wise exact count and N:M, optionally fused with the Wanda score.
 
 Scores become order-preserving int32 keys (float bits; negative floats get their magnitude bits
-flipped; -0 counts as +0), so "lower score first, lower column first among equals" is integer
+flipped; -0 counts as +0; every NaN is the largest key), so "lower score first, lower column first among equals" is integer
 order on (key, column), exactly the reference's stable sort.
 
 - Row-wise (one program per row): the k-th smallest key T by a 32-step binary search on the key
@@ -28,7 +28,8 @@ def _keys(x_ptr, sq_ptr, row, cols, ok, stride_r, stride_c, HAS_SQ: tl.constexpr
         v = tl.abs(v) * tl.load(sq_ptr + cols, mask=ok, other=0.0)
     u = v.to(tl.int32, bitcast=True)
     u = tl.where(u == -2147483648, 0, u)
-    return tl.where(u < 0, u ^ 0x7FFFFFFF, u).to(tl.int64)
+    u = tl.where(u < 0, u ^ 0x7FFFFFFF, u)
+    return tl.where(v != v, 2147483647, u).to(tl.int64)  # every NaN last, as in torch.sort
 
 
 @triton.jit
