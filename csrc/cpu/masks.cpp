@@ -446,6 +446,10 @@ LMSQ_AVX512 void rowwise_avx512(const T* __restrict__ row, const float* __restri
   if (!bracketed) n = gather_bracket(keys, c, 0u, 0xFFFFFFFFu, s.cand[0].data(), &below);
   int64_t less = 0, equal = 0;
   const uint32_t t = select_probe(s, n, k - below, &less, &equal);
+  // the next row's sample is its first read: its lines go to L1 now, while the mask goes out
+  if (next && c >= 1024)
+    for (int64_t i = 0; i < 16; ++i)
+      _mm_prefetch(reinterpret_cast<const char*>(next + (i * (c - 16)) / 15), _MM_HINT_T0);
   // every key equal to t lies in the bracket (and in the range select_probe kept), so `equal`
   // counts all copies of t in the row; the first `need` of them in column order are pruned
   const int64_t need = k - below - less;
