@@ -121,25 +121,6 @@ struct Scratch {
   }
 };
 
-// Keys in [lo, hi] compressed into out (column order, which nothing later needs); returns how many,
-// and the number of keys below lo in *below.
-LMSQ_AVX512 int64_t gather_bracket(const uint32_t* __restrict__ keys, int64_t c, uint32_t lo, uint32_t hi,
-                                   uint32_t* __restrict__ out, int64_t* below) {
-  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo)), vhi = _mm512_set1_epi32(static_cast<int>(hi));
-  int64_t n = 0, nb = 0;
-  for (int64_t j = 0; j < c; j += 16) {
-    const __mmask16 km = tail_mask(c - j);
-    const __m512i v = j + 16 <= c ? _mm512_loadu_si512(keys + j) : _mm512_maskz_loadu_epi32(km, keys + j);
-    const __mmask16 lt = _mm512_mask_cmplt_epu32_mask(km, v, vlo);
-    const __mmask16 in = _mm512_mask_cmple_epu32_mask(km & ~lt, v, vhi);
-    nb += _mm_popcnt_u32(lt);
-    _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi32(in, v));
-    n += _mm_popcnt_u32(in);
-  }
-  *below = nb;
-  return n;
-}
-
 // The r-th smallest (1-based) of the n candidate keys in s.cand[0]: quickselect with a three-way
 // vector partition around a pivot picked near the target's quantile, nth_element once 48 or fewer
 // remain. *less and *equal get how many of the n keys are smaller than / equal to the answer.
@@ -321,20 +302,21 @@ LMSQ_AVX512 int64_t keys_and_bracket(const T* __restrict__ row, const float* __r
   return n;
 }
 
-// The r-th smallest (1-based) of the n keys in s.cand[0], as select_key, in rounds that keep one
+// The r-th smallest (1-based) of the n keys at src, as select_key, in rounds that keep one
 // range of values each: 16 probes spread over the candidates are ranked among themselves, and the
 // two around the target's expected place (a margin of 1.5 probes each side) cut the values into
 // < a, [a, b], > b. One counting pass says which holds the target, one compress pass keeps it
 // (about 3x fewer keys a round on random data). 32 or fewer left: every one ranked in registers.
 // A round that cannot shrink the set (a and b the extremes, or all equal) hands over to the
 // three-way partition of select_key.
-LMSQ_AVX512 uint32_t select_probe(Scratch& s, int64_t n, int64_t r, int64_t* less, int64_t* equal) {
-  int cur = 0;
+LMSQ_AVX512 uint32_t select_probe(Scratch& s, const uint32_t* src, int64_t n, int64_t r, int64_t* less,
+                                  int64_t* equal) {
+  int cur = src == s.cand[0].data() ? 0 : -1;  // the s.cand buffer ck lives in (-1: elsewhere)
   int64_t passed = 0;  // keys known to be smaller, from ranges left below
   const __m512i one = _mm512_set1_epi32(1);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const uint32_t* ck = src;
   while (n > 32) {
-    const uint32_t* ck = s.cand[cur].data();
     const __m512i at = _mm512_srli_epi32(_mm512_mullo_epi32(odd, _mm512_set1_epi32(static_cast<int>(n))), 5);
     const __m512i probe = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), 0xFFFF, at, ck, 4);  // (2i+1) n/32
     __m512i rank = _mm512_setzero_si512();                     // probes below each probe
@@ -391,15 +373,15 @@ LMSQ_AVX512 uint32_t select_probe(Scratch& s, int64_t n, int64_t r, int64_t* les
     }
     n = m;
     cur = nxt;
+    ck = out;
   }
   if (n > 32) {
-    if (cur != 0) std::copy(s.cand[cur].begin(), s.cand[cur].begin() + n, s.cand[0].begin());
+    if (cur != 0) std::copy(ck, ck + n, s.cand[0].data());  // select_key partitions from cand[0]
     const uint32_t t = select_key(s, n, r, less, equal);
     *less += passed;
     return t;
   }
   // the r-th key is the one with fewer than r keys below it and at least r at or below it
-  const uint32_t* ck = s.cand[cur].data();
   const __mmask16 k0 = tail_mask(n), k1 = tail_mask(n > 16 ? n - 16 : 0);
   const __m512i v0 = _mm512_maskz_loadu_epi32(k0, ck), v1 = _mm512_maskz_loadu_epi32(k1, ck + 16);
   __m512i lt0 = _mm512_setzero_si512(), le0 = lt0, lt1 = lt0, le1 = lt0;
@@ -443,9 +425,12 @@ LMSQ_AVX512 void rowwise_avx512(const T* __restrict__ row, const float* __restri
   } else {
     row_keys_avx512<T>(row, sq, c, keys);
   }
-  if (!bracketed) n = gather_bracket(keys, c, 0u, 0xFFFFFFFFu, s.cand[0].data(), &below);
+  if (!bracketed) {  // the whole row is the candidate set
+    n = c;
+    below = 0;
+  }
   int64_t less = 0, equal = 0;
-  const uint32_t t = select_probe(s, n, k - below, &less, &equal);
+  const uint32_t t = select_probe(s, bracketed ? s.cand[0].data() : keys, n, k - below, &less, &equal);
   // the next row's sample is its first read: its lines go to L1 now, while the mask goes out
   if (next && c >= 1024)
     for (int64_t i = 0; i < 16; ++i)
