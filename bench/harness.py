@@ -89,6 +89,29 @@ def time_case(case: Case, warmup: int, repeat: int, min_seconds: float) -> dict:
     return res
 
 
+def paired_speedup(case: Case, base: Case, pairs: int) -> float:
+    """Median over `pairs` back-to-back (baseline, case) calls of t_baseline / t_case.
+
+    On a shared machine whose speed drifts by tens of percent over seconds, two cases timed one
+    after the other can disagree by more than the effect measured; a ratio taken within each pair
+    cancels the drift.
+    """
+    cuda = torch.cuda.is_available()
+    ratios = []
+    for _ in range(pairs):
+        t = []
+        for c in (base, case):
+            if c.setup:
+                c.setup()
+            _sync(cuda)
+            t0 = time.perf_counter()
+            c.fn()
+            _sync(cuda)
+            t.append(time.perf_counter() - t0)
+        ratios.append(t[0] / t[1])
+    return statistics.median(ratios)
+
+
 def machine_info() -> dict:
     from lmsqueeze.cli import backend_report
 
@@ -119,6 +142,8 @@ def markdown(results: list[dict]) -> str:
             continue
         base = by_name.get((r["group"], r.get("baseline"))) if r.get("baseline") else None
         speed = f"{base['median_s'] / r['median_s']:.2f}x vs {base['name']}" if base and "median_s" in base else ""
+        if "paired_speedup" in r:
+            speed += f" (paired: {r['paired_speedup']:.2f}x)"
         lines.append(f"| {r['group']} | {r['name']} | {params} | {_fmt_s(r['median_s'])} | {_fmt_s(r['iqr_s'])} | "
                      f"{_fmt_s(r['first_call_s'])} | {r.get('GB_per_s', 0):.1f} | {r.get('GFLOP_per_s', 0):.1f} | {speed} |")
     return "\n".join(lines)
@@ -133,12 +158,20 @@ def run(title: str, cases: list[Case], args) -> list[dict]:
         if not args.quiet:
             status = r.get("error") or _fmt_s(r["median_s"])
             print(f"  {case.group} / {case.name}: {status}", file=sys.stderr)
+    if getattr(args, "paired", 0):
+        by_name = {(c.group, c.name): c for c in cases}
+        for case, r in zip(cases, results):
+            base = by_name.get((case.group, case.baseline)) if case.baseline else None
+            done = {(x["group"], x["name"]) for x in results if "error" not in x}
+            if base and "error" not in r and (base.group, base.name) in done:
+                r["paired_speedup"] = paired_speedup(case, base, args.paired)
     table = markdown(results)
     print(f"## {title}\n\n{table}\n")
     out = Path(args.output) if args.output else (
         ROOT / "bench" / "results" / f"{title}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"title": title, "machine": machine_info(), "settings": {"warmup": args.warmup, "repeat": args.repeat},
+    payload = {"title": title, "machine": machine_info(),
+               "settings": {"warmup": args.warmup, "repeat": args.repeat, "paired": getattr(args, "paired", 0)},
                "results": results}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
@@ -156,5 +189,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--min-seconds", type=float, default=0.5, help="keep timing until this long (default 0.5)")
     p.add_argument("--output", default=None, help="JSON path (default bench/results/<title>-<time>.json)")
     p.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke run")
+    p.add_argument("--paired", type=int, default=0, metavar="N",
+                   help="also time N back-to-back (baseline, case) pairs and report the median ratio: "
+                        "robust to a machine whose speed drifts between cases (default off)")
     p.add_argument("--quiet", action="store_true")
     return p
