@@ -325,8 +325,10 @@ LMSQ_AVX512 uint32_t select_probe(Scratch& s, const uint32_t* src, int64_t n, in
       rank = _mm512_mask_add_epi32(
           rank, _mm512_cmplt_epu32_mask(_mm512_permutexvar_epi32(_mm512_set1_epi32(i), probe), probe), rank, one);
     const double expect = static_cast<double>(r) * 17.0 / static_cast<double>(n + 1) - 1.0;  // probes below target
-    const __mmask16 lo_ok = _mm512_cmple_epi32_mask(rank, _mm512_set1_epi32(static_cast<int>(std::floor(expect - 1.5))));
-    const __mmask16 hi_ok = _mm512_cmpge_epi32_mask(rank, _mm512_set1_epi32(static_cast<int>(std::ceil(expect + 1.5))));
+    const int below_lo = static_cast<int>(std::floor(expect - 1.5));
+    const int above_hi = static_cast<int>(std::ceil(expect + 1.5));
+    const __mmask16 lo_ok = _mm512_cmple_epi32_mask(rank, _mm512_set1_epi32(below_lo));
+    const __mmask16 hi_ok = _mm512_cmpge_epi32_mask(rank, _mm512_set1_epi32(above_hi));
     const uint32_t a = lo_ok ? _mm512_mask_reduce_max_epu32(lo_ok, probe) : 0u;
     const uint32_t b = hi_ok ? _mm512_mask_reduce_min_epu32(hi_ok, probe) : 0xFFFFFFFFu;
     const __m512i va = _mm512_set1_epi32(static_cast<int>(a)), vb = _mm512_set1_epi32(static_cast<int>(b));

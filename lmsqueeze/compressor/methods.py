@@ -53,12 +53,13 @@ def magnitude(W: torch.Tensor, cfg) -> LayerResult:
 
 
 def wanda(W: torch.Tensor, col_sq_norm: torch.Tensor, cfg) -> LayerResult:
-    W = W.float()
     cfg.check_width(W.shape[1], "this layer")
-    # fused: scores |W| * sqrt(col_sq_norm) are formed inside the mask kernel, never stored
+    # fused: scores |W| * sqrt(col_sq_norm) are formed inside the mask kernel, never stored; W is
+    # read in its own dtype (the kernel upcasts exactly, as the reference does), half the bytes of fp32
     nm = cfg.nm
-    keep = wanda_mask(W, col_sq_norm, n=nm[0], m=nm[1]) if nm else wanda_mask(W, col_sq_norm, sparsity=cfg.fraction)
-    return LayerResult(W.masked_fill(~keep, 0.0), keep)
+    Wm = W if W.dtype in (torch.float32, torch.bfloat16, torch.float16) else W.float()
+    keep = wanda_mask(Wm, col_sq_norm, n=nm[0], m=nm[1]) if nm else wanda_mask(Wm, col_sq_norm, sparsity=cfg.fraction)
+    return LayerResult(W.float().masked_fill(~keep, 0.0), keep)
 
 
 def rtn(W: torch.Tensor, cfg) -> LayerResult:

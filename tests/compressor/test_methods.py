@@ -38,6 +38,19 @@ def test_wanda_one_row_by_hand():
     assert res.W.tolist() == [[1.0, 0.0, 3.0, 0.0, 0.0, 6.0, 0.0, 8.0]]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_wanda_reads_the_layer_in_its_own_dtype(dtype):
+    # the mask kernel takes bf16 / fp16 W as it is (an exact upcast inside), fp64 after .float():
+    # the same result as on the fp32 copy, and always fp32 weights out
+    W, _, _, col_sq = layer_problem(rows=8, cols=1040)
+    W = W.to(dtype)
+    for sparsity in (0.5, "2:4"):
+        cfg = WandaConfig(sparsity=sparsity)
+        res, ref = wanda(W, col_sq, cfg), wanda(W.float(), col_sq, cfg)
+        assert res.W.dtype == torch.float32
+        assert torch.equal(res.mask, ref.mask) and torch.equal(res.W, ref.W)
+
+
 def test_magnitude_by_hand_layer_and_row_scope():
     W = torch.tensor([[1.0, -5.0, 2.0, 0.1], [9.0, 8.0, -7.0, 6.0]])
     # over the layer the 4 smallest |w| (0.1, 1, 2, 5) all sit in row 0; per row each row loses its 2 smallest

@@ -1,8 +1,8 @@
 """KEEP masks in Triton: row-wise exact count and N:M, optionally fused with the Wanda score.
 
 Scores become order-preserving int32 keys (float bits; negative floats get their magnitude bits
-flipped; -0 counts as +0; every NaN is the largest key), so "lower score first, lower column first among equals" is integer
-order on (key, column), exactly the reference's stable sort.
+flipped; -0 counts as +0; every NaN is the largest key), so "lower score first, lower column
+first among equals" is integer order on (key, column), exactly the reference's stable sort.
 
 - Row-wise (one program per row): the k-th smallest key T by a 32-step binary search on the key
   value; each step streams the row in BLOCK_C slabs and counts keys <= mid (the row sits in L1/L2
