@@ -4,22 +4,23 @@
 // equal to +0; NaN last), so "lower score, and among equal scores the lower column index, is
 // pruned first" is plain unsigned order on (key, column). One row at a time per thread:
 //   row-wise (exact k per row): 256 keys sampled straight from the row (16 chunks of 16 columns)
-//   rank 16 pivots; the two around the target rank, with a 3-sigma margin, bracket the k-th key.
-//   One pass over the row computes the keys (fused Wanda: |w| * sqrt(norm), the scores never reach
-//   memory), counts those below the bracket and compresses those inside it (about a quarter of the
-//   row) while prefetching the next row. Rounds of probe-ranked cuts (count, then compress the one
-//   value range that holds the target) shrink the candidates about 3x a round; the last 32 or
-//   fewer are ranked in registers. That gives the k-th key value t and how many keys equal it; ties
-//   at t are settled by column: when all copies of t are pruned the mask is one compare a vector,
-//   else a scan finds the column of the last pruned copy. A bracket that misses (rare) makes the
-//   whole row the candidate set, so the result is exact either way.
+//   rank 32 pivots in two steps; the two around the target rank, with a 3-sigma margin, bracket
+//   the k-th key. One pass over the row computes the keys (fused Wanda: |w| * sqrt(norm), the
+//   scores never reach memory), counts those below the bracket and compresses those inside it
+//   (about a fifth of the row) while prefetching the next row. Rounds of probe-ranked cuts
+//   (count, then compress the one value range that holds the target) shrink the candidates about
+//   5x a round; the last 32 or fewer are ranked in registers. That gives the k-th key value t
+//   and how many keys equal it; ties at t are settled by column: when all copies of t are pruned
+//   the mask is one compare a vector, else a scan finds the column of the last pruned copy. A
+//   bracket that misses (rare) makes the whole row the candidate set: the result is exact anyway.
 //   N:M with M dividing 16: each lane ranks itself against the other M-1 lanes of its group via
 //   lane permutes (compares for half the partner shifts, the other half read from the partner),
 //   so one zmm handles 16/M groups with no sort at all.
 // Masks go out 64 bytes per streaming store.
 // Cost on this Zen 4 core, 4096-column bf16 Wanda rows, data in cache: ~0.8K cycles the sample,
-// ~2.5K the keys-and-bracket pass (vector-ALU bound: convert, multiply, compress), ~1.4-1.9K the
-// rounds, ~0.7K the mask.
+// ~2.5K the keys-and-bracket pass (vector-ALU bound: convert, multiply, compress), ~1.5-2K the
+// rounds, ~0.7K the mask; the rounds cost ~12 cycles per 16 candidates a round, and a probe
+// sample that misses the target costs one more round, hence the average above the best case.
 // OpenMP over rows. A CPU without AVX-512 (or an ISA cap) runs the scalar versions: nth_element on
 // (key, column) pairs for rows, a rank count per group for N:M.
 #include <immintrin.h>
@@ -240,11 +241,24 @@ struct PrunedWithTies {  // key < t, or key == t at a column <= t_idx
   }
 };
 
+// The highest of the keys in `key` whose rank is at most `most` (none: `none`), and the lowest
+// whose rank is at least `least`.
+LMSQ_AVX512 inline uint32_t highest_ranked(__m512i key, __m512i rank, int most, uint32_t none) {
+  const __mmask16 ok = _mm512_cmple_epi32_mask(rank, _mm512_set1_epi32(most));
+  return ok ? _mm512_mask_reduce_max_epu32(ok, key) : none;
+}
+
+LMSQ_AVX512 inline uint32_t lowest_ranked(__m512i key, __m512i rank, int least, uint32_t none) {
+  const __mmask16 ok = _mm512_cmpge_epi32_mask(rank, _mm512_set1_epi32(least));
+  return ok ? _mm512_mask_reduce_min_epu32(ok, key) : none;
+}
+
 // [lo, hi] around the k-th smallest of a row's c keys, from 256 of them: 16 pivots (one from each
-// 16-key chunk, each from a different lane) are ranked against the whole sample; lo is the highest
-// pivot with at most q * 256 - 3 sigma - 2 sample keys below it, hi the lowest with at least
-// q * 256 + 3 sigma + 2 (q = k / c). Without such a pivot the side stays open (0 / max). The pass
-// that follows counts exactly, so a bracket that misses costs time, never the answer.
+// 16-key chunk, each from a different lane) are ranked against the whole sample, then 16 more from
+// between the two chosen; lo is the highest pivot with at most q * 256 - 3 sigma - 2 sample keys
+// below it, hi the lowest with at least q * 256 + 3 sigma + 2 (q = k / c). Without such a pivot
+// the side stays open (0 / max). The pass that follows counts exactly, so a bracket that misses
+// costs time, never the answer.
 LMSQ_AVX512 void pick_bracket(const uint32_t* sample, int64_t k, int64_t c, uint32_t* lo, uint32_t* hi) {
   constexpr int kSample = 256;
   const double q = static_cast<double>(k) / static_cast<double>(c);
@@ -258,10 +272,35 @@ LMSQ_AVX512 void pick_bracket(const uint32_t* sample, int64_t k, int64_t c, uint
   for (int j = 0; j < kSample; ++j)
     rank = _mm512_mask_add_epi32(rank, _mm512_cmpgt_epu32_mask(pivot, _mm512_set1_epi32(static_cast<int>(sample[j]))),
                                  rank, one);
-  const __mmask16 low = _mm512_cmple_epi32_mask(rank, _mm512_set1_epi32(want_lo));
   const __mmask16 high = _mm512_cmpge_epi32_mask(rank, _mm512_set1_epi32(want_hi));
-  *lo = low ? _mm512_mask_reduce_max_epu32(low, pivot) : 0u;
-  *hi = high ? _mm512_mask_reduce_min_epu32(high, pivot) : 0xFFFFFFFFu;
+  const uint32_t a = highest_ranked(pivot, rank, want_lo, 0u);
+  const uint32_t b = lowest_ranked(pivot, rank, want_hi, 0xFFFFFFFFu);
+  *lo = a;
+  *hi = b;
+  // the pivots sit about 16 sample ranks apart: 16 more, spread over the sample keys strictly
+  // inside (a, b) and ranked among those, move each side to within a few ranks of its target
+  alignas(64) uint32_t inside[kSample + 16];
+  int m = 0;
+  const __m512i va = _mm512_set1_epi32(static_cast<int>(a)), vb = _mm512_set1_epi32(static_cast<int>(b));
+  for (int j = 0; j < kSample; j += 16) {
+    const __m512i v = _mm512_load_si512(sample + j);
+    const __mmask16 in = _mm512_cmpgt_epu32_mask(v, va) & _mm512_cmplt_epu32_mask(v, vb);
+    _mm512_storeu_si512(inside + m, _mm512_maskz_compress_epi32(in, v));
+    m += _mm_popcnt_u32(in);
+  }
+  if (m < 16) return;
+  // sample keys <= a: those below b (b's rank; all of them when b is open) less those inside
+  const int below_b =
+      high ? _mm512_mask_reduce_min_epi32(_mm512_mask_cmpeq_epi32_mask(high, pivot, vb), rank) : kSample;
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512i at = _mm512_srli_epi32(_mm512_mullo_epi32(odd, _mm512_set1_epi32(m)), 5);
+  const __m512i pivot2 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), 0xFFFF, at, inside, 4);
+  __m512i rank2 = _mm512_set1_epi32(below_b - m);
+  for (int j = 0; j < m; ++j)
+    rank2 = _mm512_mask_add_epi32(
+        rank2, _mm512_cmpgt_epu32_mask(pivot2, _mm512_set1_epi32(static_cast<int>(inside[j]))), rank2, one);
+  *lo = std::max(a, highest_ranked(pivot2, rank2, want_lo, 0u));
+  *hi = std::min(b, lowest_ranked(pivot2, rank2, want_hi, 0xFFFFFFFFu));
 }
 
 // One pass over the row: its keys into `keys`, how many are below lo into *below, and those in
@@ -303,10 +342,10 @@ LMSQ_AVX512 int64_t keys_and_bracket(const T* __restrict__ row, const float* __r
 }
 
 // The r-th smallest (1-based) of the n keys at src, as select_key, in rounds that keep one
-// range of values each: 16 probes spread over the candidates are ranked among themselves, and the
-// two around the target's expected place (a margin of 1.5 probes each side) cut the values into
-// < a, [a, b], > b. One counting pass says which holds the target, one compress pass keeps it
-// (about 3x fewer keys a round on random data). 32 or fewer left: every one ranked in registers.
+// range of values each: 16 probes spread over the candidates are ranked among themselves, four
+// of them around the target's expected place cut the values into five ranges, one counting pass
+// says which holds the target, one compress pass keeps it (about 5x fewer keys a round on random
+// data, 3 rounds for 3500 candidates). 32 or fewer left: every one ranked in registers.
 // A round that cannot shrink the set (a and b the extremes, or all equal) hands over to the
 // three-way partition of select_key.
 LMSQ_AVX512 uint32_t select_probe(Scratch& s, const uint32_t* src, int64_t n, int64_t r, int64_t* less,
@@ -325,43 +364,53 @@ LMSQ_AVX512 uint32_t select_probe(Scratch& s, const uint32_t* src, int64_t n, in
       rank = _mm512_mask_add_epi32(
           rank, _mm512_cmplt_epu32_mask(_mm512_permutexvar_epi32(_mm512_set1_epi32(i), probe), probe), rank, one);
     const double expect = static_cast<double>(r) * 17.0 / static_cast<double>(n + 1) - 1.0;  // probes below target
-    const int below_lo = static_cast<int>(std::floor(expect - 1.5));
-    const int above_hi = static_cast<int>(std::ceil(expect + 1.5));
-    const __mmask16 lo_ok = _mm512_cmple_epi32_mask(rank, _mm512_set1_epi32(below_lo));
-    const __mmask16 hi_ok = _mm512_cmpge_epi32_mask(rank, _mm512_set1_epi32(above_hi));
-    const uint32_t a = lo_ok ? _mm512_mask_reduce_max_epu32(lo_ok, probe) : 0u;
-    const uint32_t b = hi_ok ? _mm512_mask_reduce_min_epu32(hi_ok, probe) : 0xFFFFFFFFu;
-    const __m512i va = _mm512_set1_epi32(static_cast<int>(a)), vb = _mm512_set1_epi32(static_cast<int>(b));
-    __m512i below_a = _mm512_setzero_si512(), upto_b = _mm512_setzero_si512();
+    // four cuts around the target's expected place among the probes: t2 <= t3 half a probe rank
+    // below / above it, t1 <= t4 two and a half ranks; one counting pass says which of the five
+    // value ranges holds the target, so a probe sample that misses costs a range of about 2/17 of
+    // the keys instead of a whole side
+    const uint32_t t1 = highest_ranked(probe, rank, static_cast<int>(std::floor(expect - 2.5)), 0u);
+    const uint32_t t2 = highest_ranked(probe, rank, static_cast<int>(std::floor(expect - 0.5)), 0u);
+    const uint32_t t3 = lowest_ranked(probe, rank, static_cast<int>(std::ceil(expect + 0.5)), 0xFFFFFFFFu);
+    const uint32_t t4 = lowest_ranked(probe, rank, static_cast<int>(std::ceil(expect + 2.5)), 0xFFFFFFFFu);
+    const __m512i v1 = _mm512_set1_epi32(static_cast<int>(t1)), v2 = _mm512_set1_epi32(static_cast<int>(t2));
+    const __m512i v3 = _mm512_set1_epi32(static_cast<int>(t3)), v4 = _mm512_set1_epi32(static_cast<int>(t4));
+    __m512i c1 = _mm512_setzero_si512(), c2 = c1, c3 = c1, c4 = c1;
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
       const __m512i v = _mm512_loadu_si512(ck + j);
-      below_a = _mm512_mask_add_epi32(below_a, _mm512_cmplt_epu32_mask(v, va), below_a, one);
-      upto_b = _mm512_mask_add_epi32(upto_b, _mm512_cmple_epu32_mask(v, vb), upto_b, one);
+      c1 = _mm512_mask_add_epi32(c1, _mm512_cmplt_epu32_mask(v, v1), c1, one);
+      c2 = _mm512_mask_add_epi32(c2, _mm512_cmplt_epu32_mask(v, v2), c2, one);
+      c3 = _mm512_mask_add_epi32(c3, _mm512_cmple_epu32_mask(v, v3), c3, one);
+      c4 = _mm512_mask_add_epi32(c4, _mm512_cmple_epu32_mask(v, v4), c4, one);
     }
-    int64_t A = _mm512_reduce_add_epi32(below_a), B = _mm512_reduce_add_epi32(upto_b);
+    int64_t below1 = _mm512_reduce_add_epi32(c1), below2 = _mm512_reduce_add_epi32(c2);
+    int64_t upto3 = _mm512_reduce_add_epi32(c3), upto4 = _mm512_reduce_add_epi32(c4);
     if (j < n) {
       const __mmask16 km = tail_mask(n - j);
       const __m512i v = _mm512_maskz_loadu_epi32(km, ck + j);
-      A += _mm_popcnt_u32(_mm512_mask_cmplt_epu32_mask(km, v, va));
-      B += _mm_popcnt_u32(_mm512_mask_cmple_epu32_mask(km, v, vb));
+      below1 += _mm_popcnt_u32(_mm512_mask_cmplt_epu32_mask(km, v, v1));
+      below2 += _mm_popcnt_u32(_mm512_mask_cmplt_epu32_mask(km, v, v2));
+      upto3 += _mm_popcnt_u32(_mm512_mask_cmple_epu32_mask(km, v, v3));
+      upto4 += _mm_popcnt_u32(_mm512_mask_cmple_epu32_mask(km, v, v4));
     }
-    uint32_t lo, hi;  // the values kept
-    if (r <= A) {     // A > 0: some key lies below a, so a > 0
-      lo = 0;
-      hi = a - 1;
-    } else if (r > B) {  // B < n: some key lies above b, so b < max
-      lo = b + 1;
-      hi = 0xFFFFFFFFu;
-      r -= B;
-      passed += B;
+    // the values kept, and how many keys lie below them; a range is only chosen when it holds the
+    // target, so a key lies beyond each bound moved by one and the +-1 cannot wrap
+    uint32_t lo, hi;
+    int64_t skip;
+    if (r <= below1) {
+      lo = 0, hi = t1 - 1, skip = 0;
+    } else if (r <= below2) {
+      lo = t1, hi = t2 - 1, skip = below1;
+    } else if (r <= upto3) {
+      if (upto3 - below2 == n) break;  // no progress: t2 and t3 span every key
+      lo = t2, hi = t3, skip = below2;
+    } else if (r <= upto4) {
+      lo = t3 + 1, hi = t4, skip = upto3;
     } else {
-      if (B - A == n) break;
-      lo = a;
-      hi = b;
-      r -= A;
-      passed += A;
+      lo = t4 + 1, hi = 0xFFFFFFFFu, skip = upto4;
     }
+    r -= skip;
+    passed += skip;
     const int nxt = (cur + 1) % 3;
     uint32_t* out = s.cand[nxt].data();
     const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo)), vhi = _mm512_set1_epi32(static_cast<int>(hi));
