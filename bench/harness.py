@@ -51,6 +51,17 @@ def _sync(device_used: bool) -> None:
         torch.cuda.synchronize()
 
 
+def _timed_call(case: Case, cuda: bool) -> float:
+    """Seconds one call of case.fn takes, its setup run (untimed) first."""
+    if case.setup:
+        case.setup()
+    _sync(cuda)
+    t = time.perf_counter()
+    case.fn()
+    _sync(cuda)
+    return time.perf_counter() - t
+
+
 def time_case(case: Case, warmup: int, repeat: int, min_seconds: float) -> dict:
     cuda = torch.cuda.is_available()
     if case.setup:
@@ -70,13 +81,7 @@ def time_case(case: Case, warmup: int, repeat: int, min_seconds: float) -> dict:
     times = []
     start = time.perf_counter()
     while len(times) < repeat or (time.perf_counter() - start < min_seconds and len(times) < 1000):
-        if case.setup:
-            case.setup()
-        _sync(cuda)
-        t = time.perf_counter()
-        case.fn()
-        _sync(cuda)
-        times.append(time.perf_counter() - t)
+        times.append(_timed_call(case, cuda))
     med = statistics.median(times)
     q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), med, max(times)]
     res = {"name": case.name, "group": case.group, "params": case.params, "first_call_s": first,
@@ -97,19 +102,7 @@ def paired_speedup(case: Case, base: Case, pairs: int) -> float:
     cancels the drift.
     """
     cuda = torch.cuda.is_available()
-    ratios = []
-    for _ in range(pairs):
-        t = []
-        for c in (base, case):
-            if c.setup:
-                c.setup()
-            _sync(cuda)
-            t0 = time.perf_counter()
-            c.fn()
-            _sync(cuda)
-            t.append(time.perf_counter() - t0)
-        ratios.append(t[0] / t[1])
-    return statistics.median(ratios)
+    return statistics.median(_timed_call(base, cuda) / _timed_call(case, cuda) for _ in range(pairs))
 
 
 def machine_info() -> dict:
