@@ -114,7 +114,7 @@ void row_keys_generic(const T* __restrict__ row, const float* __restrict__ sq, i
 
 // ---- row-wise exact-k selection -----------------------------------------------------------------
 struct Scratch {
-  std::vector<uint32_t> keys, cand[3];  // the row's keys; candidate keys, ping-ponged by the partition
+  std::vector<uint32_t> keys, cand[3];  // the row's keys; candidate keys, rotated by the rounds
   std::vector<uint64_t> pairs;          // (key, column) pairs of the scalar path
   void reserve(int64_t c) {
     keys.resize(c + 16);
@@ -125,6 +125,7 @@ struct Scratch {
 // The r-th smallest (1-based) of the n candidate keys in s.cand[0]: quickselect with a three-way
 // vector partition around a pivot picked near the target's quantile, nth_element once 48 or fewer
 // remain. *less and *equal get how many of the n keys are smaller than / equal to the answer.
+// select_probe below hands over to it when its cuts cannot shrink the set (long runs of equal keys).
 LMSQ_AVX512 uint32_t select_key(Scratch& s, int64_t n, int64_t r, int64_t* less, int64_t* equal) {
   int cur = 0;
   int64_t passed = 0;  // keys known to be smaller, from partitions that went right
