@@ -476,6 +476,9 @@ LMSQ_AVX512 void rowwise_avx512(const T* __restrict__ row, const float* __restri
     bracketed = below < k && k <= below + n;
   } else {
     row_keys_avx512<T>(row, sq, c, keys);
+    if (next)  // the rounds that follow are L1 work: the next row's lines can come in meanwhile
+      for (int64_t j = 0; j < c * static_cast<int64_t>(sizeof(T)); j += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(next) + j, _MM_HINT_T0);
   }
   if (!bracketed) {  // the whole row is the candidate set
     n = c;
