@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -114,11 +115,17 @@ void row_keys_generic(const T* __restrict__ row, const float* __restrict__ sq, i
 
 // ---- row-wise exact-k selection -----------------------------------------------------------------
 struct Scratch {
-  std::vector<uint32_t> keys, cand[3];  // the row's keys; candidate keys, rotated by the rounds
-  std::vector<uint64_t> pairs;          // (key, column) pairs of the scalar path
+  // allocated on the thread's first row, uninitialised: nothing reads a key before writing it, and
+  // a thread that gets no row (a whole-layer mask is one long row) allocates nothing
+  std::unique_ptr<uint32_t[]> buf[4];
+  uint32_t* keys = nullptr;                        // the row's keys
+  uint32_t* cand[3] = {nullptr, nullptr, nullptr};  // candidate keys, rotated by the rounds
+  std::vector<uint64_t> pairs;                     // (key, column) pairs of the scalar path
   void reserve(int64_t c) {
-    keys.resize(c + 16);
-    for (auto& v : cand) v.resize(c + 16);
+    if (keys) return;
+    for (auto& b : buf) b.reset(new uint32_t[c + 16]);
+    keys = buf[0].get();
+    for (int i = 0; i < 3; ++i) cand[i] = buf[i + 1].get();
   }
 };
 
@@ -130,7 +137,7 @@ LMSQ_AVX512 uint32_t select_key(Scratch& s, int64_t n, int64_t r, int64_t* less,
   int cur = 0;
   int64_t passed = 0;  // keys known to be smaller, from partitions that went right
   while (n > 48) {
-    const uint32_t* ck = s.cand[cur].data();
+    const uint32_t* ck = s.cand[cur];
     // pivot: of 7 spread keys, the one at the target's quantile, so the side that holds the
     // target is small (a median pivot only halves the candidates each pass)
     uint32_t probe[7];
@@ -138,8 +145,8 @@ LMSQ_AVX512 uint32_t select_key(Scratch& s, int64_t n, int64_t r, int64_t* less,
     std::sort(probe, probe + 7);
     const uint32_t p = probe[std::min<int64_t>(6, (7 * (r - 1)) / n)];
     const int lt_buf = (cur + 1) % 3, gt_buf = (cur + 2) % 3;
-    uint32_t* lk = s.cand[lt_buf].data();
-    uint32_t* gk = s.cand[gt_buf].data();
+    uint32_t* lk = s.cand[lt_buf];
+    uint32_t* gk = s.cand[gt_buf];
     const __m512i vp = _mm512_set1_epi32(static_cast<int>(p));
     int64_t nl = 0, ng = 0;
     for (int64_t j = 0; j < n; j += 16) {
@@ -167,7 +174,7 @@ LMSQ_AVX512 uint32_t select_key(Scratch& s, int64_t n, int64_t r, int64_t* less,
       n = ng;
     }
   }
-  uint32_t* ck = s.cand[cur].data();
+  uint32_t* ck = s.cand[cur];
   std::nth_element(ck, ck + (r - 1), ck + n);
   const uint32_t t = ck[r - 1];
   int64_t lt = 0, eq = 0;
@@ -351,14 +358,19 @@ LMSQ_AVX512 int64_t keys_and_bracket(const T* __restrict__ row, const float* __r
 // three-way partition of select_key.
 LMSQ_AVX512 uint32_t select_probe(Scratch& s, const uint32_t* src, int64_t n, int64_t r, int64_t* less,
                                   int64_t* equal) {
-  int cur = src == s.cand[0].data() ? 0 : -1;  // the s.cand buffer ck lives in (-1: elsewhere)
+  int cur = src == s.cand[0] ? 0 : -1;  // the s.cand buffer ck lives in (-1: elsewhere)
   int64_t passed = 0;  // keys known to be smaller, from ranges left below
   const __m512i one = _mm512_set1_epi32(1);
-  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512i odd_lo = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+  const __m512i odd_hi = _mm512_setr_epi64(17, 19, 21, 23, 25, 27, 29, 31);
   const uint32_t* ck = src;
   while (n > 32) {
-    const __m512i at = _mm512_srli_epi32(_mm512_mullo_epi32(odd, _mm512_set1_epi32(static_cast<int>(n))), 5);
-    const __m512i probe = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), 0xFFFF, at, ck, 4);  // (2i+1) n/32
+    // probe i at (2i + 1) n / 32, in 64-bit arithmetic: 31 n passes 32 bits from n = 138M on
+    const __m512i n64 = _mm512_set1_epi64(n);
+    const __m256i at_lo = _mm512_cvtepi64_epi32(_mm512_srli_epi64(_mm512_mullo_epi64(odd_lo, n64), 5));
+    const __m256i at_hi = _mm512_cvtepi64_epi32(_mm512_srli_epi64(_mm512_mullo_epi64(odd_hi, n64), 5));
+    const __m512i at = _mm512_inserti64x4(_mm512_castsi256_si512(at_lo), at_hi, 1);
+    const __m512i probe = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), 0xFFFF, at, ck, 4);
     __m512i rank = _mm512_setzero_si512();                     // probes below each probe
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i)
@@ -413,7 +425,7 @@ LMSQ_AVX512 uint32_t select_probe(Scratch& s, const uint32_t* src, int64_t n, in
     r -= skip;
     passed += skip;
     const int nxt = (cur + 1) % 3;
-    uint32_t* out = s.cand[nxt].data();
+    uint32_t* out = s.cand[nxt];
     const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo)), vhi = _mm512_set1_epi32(static_cast<int>(hi));
     int64_t m = 0;
     for (j = 0; j < n; j += 16) {
@@ -428,7 +440,7 @@ LMSQ_AVX512 uint32_t select_probe(Scratch& s, const uint32_t* src, int64_t n, in
     ck = out;
   }
   if (n > 32) {
-    if (cur != 0) std::copy(ck, ck + n, s.cand[0].data());  // select_key partitions from cand[0]
+    if (cur != 0) std::copy(ck, ck + n, s.cand[0]);  // select_key partitions from cand[0]
     const uint32_t t = select_key(s, n, r, less, equal);
     *less += passed;
     return t;
@@ -464,7 +476,7 @@ LMSQ_AVX512 uint32_t select_probe(Scratch& s, const uint32_t* src, int64_t n, in
 template <typename T>
 LMSQ_AVX512 void rowwise_avx512(const T* __restrict__ row, const float* __restrict__ sq, int64_t c, int64_t k,
                                 Scratch& s, bool* __restrict__ keep, const T* __restrict__ next) {
-  uint32_t* keys = s.keys.data();
+  uint32_t* keys = s.keys;
   int64_t n = 0, below = 0;
   bool bracketed = false;
   if (c >= 1024) {
@@ -472,7 +484,7 @@ LMSQ_AVX512 void rowwise_avx512(const T* __restrict__ row, const float* __restri
     for (int64_t i = 0; i < 16; ++i) _mm512_store_si512(sample + 16 * i, keys16(row, sq, (i * (c - 16)) / 15, 0xFFFF));
     uint32_t lo, hi;
     pick_bracket(sample, k, c, &lo, &hi);
-    n = keys_and_bracket<T>(row, sq, c, lo, hi, keys, s.cand[0].data(), &below, next);
+    n = keys_and_bracket<T>(row, sq, c, lo, hi, keys, s.cand[0], &below, next);
     bracketed = below < k && k <= below + n;
   } else {
     row_keys_avx512<T>(row, sq, c, keys);
@@ -485,7 +497,7 @@ LMSQ_AVX512 void rowwise_avx512(const T* __restrict__ row, const float* __restri
     below = 0;
   }
   int64_t less = 0, equal = 0;
-  const uint32_t t = select_probe(s, bracketed ? s.cand[0].data() : keys, n, k - below, &less, &equal);
+  const uint32_t t = select_probe(s, bracketed ? s.cand[0] : keys, n, k - below, &less, &equal);
   // the next row's sample is its first read: its lines go to L1 now, while the mask goes out
   if (next && c >= 1024)
     for (int64_t i = 0; i < 16; ++i)
@@ -669,13 +681,14 @@ torch::Tensor mask_impl(const T* data,        // [rows, c], row stride `stride`
   }
   const bool avx512 = active_isa() == kAvx512;
   const bool nm_vec = avx512 && k < 0 && 16 % m == 0;
+  // the vector row-wise path indexes a row with 32-bit lanes: longer rows take the scalar one
+  const bool rows_vec = avx512 && c < (int64_t{1} << 31) - 64;
   NmPlan plan;
   if (nm_vec) plan = make_nm_plan(static_cast<int>(n), static_cast<int>(m));
   constexpr int64_t kChunk = 16;  // rows per scheduling unit; a thread prefetches the next row of its chunk
 #pragma omp parallel
   {
     Scratch s;
-    s.reserve(c);
 #pragma omp for schedule(dynamic, kChunk)
     for (int64_t r = 0; r < rows; ++r) {
       const T* row = data + r * stride;
@@ -684,15 +697,16 @@ torch::Tensor mask_impl(const T* data,        // [rows, c], row stride `stride`
         nm_avx512_any<T>(row, sq, c, plan, keep_row);
         continue;
       }
+      s.reserve(c);
       const T* next = (r + 1) % kChunk != 0 && r + 1 < rows ? row + stride : nullptr;
-      if (k > 0 && avx512) {
+      if (k > 0 && rows_vec) {
         rowwise_avx512<T>(row, sq, c, k, s, keep_row, next);
         continue;
       }
-      if (avx512) row_keys_avx512<T>(row, sq, c, s.keys.data());
-      else row_keys_generic<T>(row, sq, c, s.keys.data());
-      if (k > 0) rowwise_generic(s.keys.data(), c, k, s, keep_row);
-      else nm_generic(s.keys.data(), c, n, m, keep_row);
+      if (avx512) row_keys_avx512<T>(row, sq, c, s.keys);
+      else row_keys_generic<T>(row, sq, c, s.keys);
+      if (k > 0) rowwise_generic(s.keys, c, k, s, keep_row);
+      else nm_generic(s.keys, c, n, m, keep_row);
     }
     if (avx512) _mm_sfence();  // the streaming stores of write_rowwise are visible before we return
   }

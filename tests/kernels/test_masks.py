@@ -105,6 +105,22 @@ def test_cpu_rowwise_when_the_sample_misleads(ext):
     assert torch.equal(wanda_mask(W, norm, 0.5, backend="cpu"), wanda_mask_ref(W, norm, 0.5))
 
 
+def test_cpu_rowwise_one_very_long_row(ext):
+    # a whole-layer mask is one row of numel columns. The sampled columns are huge, so the bracket
+    # misses and the rounds start on all the keys. Checked without the sort-based reference (slow
+    # at this size): exact count, every pruned score <= every kept one, ties by column.
+    cols = 6_000_000
+    s = torch.rand(1, cols, generator=torch.Generator().manual_seed(9))
+    s[0, _sampled_columns(cols)] = 2.0
+    keep = rowwise_mask(s, 0.5, backend="cpu")[0]
+    row = s[0]
+    assert int((~keep).sum()) == cols // 2
+    t = row[~keep].max()
+    assert row[keep].min() >= t
+    tied = ~keep[row == t]  # pruned copies of the threshold come first in column order
+    assert not (tied[1:] & ~tied[:-1]).any()
+
+
 def test_cpu_nan_sorts_last_like_torch(ext):
     # torch.sort puts every NaN last (in column order, whatever its sign or payload)
     g = torch.Generator().manual_seed(11)
