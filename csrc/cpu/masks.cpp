@@ -708,7 +708,7 @@ torch::Tensor mask_impl(const T* data,        // [rows, c], row stride `stride`
       if (k > 0) rowwise_generic(s.keys, c, k, s, keep_row);
       else nm_generic(s.keys, c, n, m, keep_row);
     }
-    if (avx512) _mm_sfence();  // the streaming stores of write_rowwise are visible before we return
+    if (avx512) _mm_sfence();  // the streaming mask stores are visible before we return
   }
   return keep;
 }
