@@ -153,9 +153,9 @@ def run(title: str, cases: list[Case], args) -> list[dict]:
             print(f"  {case.group} / {case.name}: {status}", file=sys.stderr)
     if getattr(args, "paired", 0):
         by_name = {(c.group, c.name): c for c in cases}
+        done = {(x["group"], x["name"]) for x in results if "error" not in x}
         for case, r in zip(cases, results):
             base = by_name.get((case.group, case.baseline)) if case.baseline else None
-            done = {(x["group"], x["name"]) for x in results if "error" not in x}
             if base and "error" not in r and (base.group, base.name) in done:
                 r["paired_speedup"] = paired_speedup(case, base, args.paired)
     table = markdown(results)
