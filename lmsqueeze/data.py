@@ -9,13 +9,13 @@ A source is named by a string:
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.io import iter_jsonl, read_json_file, read_text_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,22 +68,20 @@ def pydoc_text() -> str:
 
 
 def alpaca_records(data_dir=None) -> list[dict]:
-    with open(find_dataset("alpaca", data_dir), encoding="utf-8") as f:
-        return json.load(f)
+    return read_json_file(find_dataset("alpaca", data_dir), "the alpaca data set")
 
 
 def piqa_records(data_dir=None) -> list[dict]:
     path = find_dataset("piqa", data_dir)
     labels_path = path.with_name("valid-labels.lst")
-    labels = labels_path.read_text().split() if labels_path.exists() else None
+    labels = read_text_file(labels_path, "the PIQA labels").split() if labels_path.exists() else None
     items = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                rec = json.loads(line)
-                if labels is not None:
-                    rec["label"] = int(labels[i])
-                items.append(rec)
+    for lineno, rec in iter_jsonl(path, "the PIQA data set"):
+        if labels is not None:
+            if lineno > len(labels):
+                raise LmsqueezeError(f"{labels_path} has {len(labels)} labels but {path} has a record on line {lineno}")
+            rec["label"] = int(labels[lineno - 1])
+        items.append(rec)
     return items
 
 
@@ -107,25 +105,14 @@ def _records_text(records: list, path: str) -> str:
 def _file_text(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return path.read_text(encoding="utf-8")
+        return read_text_file(path, "text file")
     if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise LmsqueezeError(f"{path}: not valid JSON ({exc})") from None
+        data = read_json_file(path, "text file")
         if not isinstance(data, list):
             raise LmsqueezeError(f"{path}: expected a JSON list of strings or records")
         return _records_text(data, str(path))
     if suffix == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise LmsqueezeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        return _records_text(records, str(path))
+        return _records_text([rec for _, rec in iter_jsonl(path, "text file")], str(path))
     raise LmsqueezeError(f"{path}: unsupported file type '{suffix}'; valid: .txt, .json, .jsonl")
 
 
@@ -155,7 +142,7 @@ def load_text(source: str, data_dir: str | os.PathLike | None = None) -> str:
         return _hub_text(source)
     name = ALIASES.get(source, source)
     if name in ("wikitext2:test", "wikitext2:valid"):
-        return find_dataset(name, data_dir).read_text(encoding="utf-8")
+        return read_text_file(find_dataset(name, data_dir), f"the {name} data set")
     if name == "alpaca":
         return "\n\n".join("\n".join(x for x in (r["instruction"], r.get("input", ""), r["output"]) if x)
                            for r in alpaca_records(data_dir))
@@ -181,17 +168,18 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
 
 
 def calibration_batches(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0,
-                        data_dir: str | os.PathLike | None = None) -> torch.Tensor:
+                        data_dir: str | os.PathLike | None = None, text: str | None = None) -> torch.Tensor:
     """nsamples disjoint token windows of length seqlen, drawn at random (seeded) from the source.
 
     Returns a [nsamples, seqlen] long tensor. Windows never overlap, so the text must hold at least
-    nsamples * seqlen tokens.
+    nsamples * seqlen tokens. text: the source's text when the caller already read it (the CLI reads
+    it before loading the model, so that a bad file fails before the model's load time is spent).
     """
     if nsamples < 1:
         raise LmsqueezeError(f"nsamples must be >= 1, got {nsamples}")
     if seqlen < 2:
         raise LmsqueezeError(f"seqlen must be >= 2, got {seqlen}")
-    tokens = tokenize_text(tokenizer, load_text(source, data_dir))
+    tokens = tokenize_text(tokenizer, load_text(source, data_dir) if text is None else text)
     need = nsamples * seqlen
     if tokens.numel() < need:
         raise LmsqueezeError(f"'{source}' has {tokens.numel()} tokens but {nsamples} x {seqlen} = {need} were asked "

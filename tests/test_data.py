@@ -75,3 +75,54 @@ def test_shared_data_sources():
     assert len(data.alpaca_records()) == 5000
     piqa = data.piqa_records()
     assert len(piqa) == 1838 and {r["label"] for r in piqa} == {0, 1}
+
+
+# ---- text files that are not UTF-8 (issue 16, item 7): one line naming file, line and the problem ----
+
+CP1252_JSONL = '{"text": "plain"}\n{"text": "caf\u00e9"}\n'.encode("cp1252")  # line 2 holds the lone byte 0xe9
+
+
+@pytest.mark.parametrize("suffix, content", [
+    (".jsonl", CP1252_JSONL),
+    (".txt", "first line\nsecond caf\u00e9 line\n".encode("cp1252")),
+    (".json", '[\n"one",\n"caf\u00e9"\n]'.encode("cp1252")),
+])
+def test_non_utf8_text_file_names_file_line_and_byte(tmp_path, suffix, content):
+    p = tmp_path / f"bad{suffix}"
+    p.write_bytes(content)
+    with pytest.raises(LmsqueezeError) as e:
+        data.load_text(str(p))
+    msg = str(e.value)
+    line = {".jsonl": 2, ".txt": 2, ".json": 3}[suffix]
+    assert msg.startswith(f"{p}:{line}: ") and "not UTF-8" in msg and "e9" in msg, msg
+    assert "\n" not in msg and "byte offset" not in msg
+
+
+def test_read_text_file_and_iter_jsonl(tmp_path):
+    from lmsqueeze.io import iter_jsonl, read_text_file
+
+    p = tmp_path / "ok.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n\r\n{"b": "x\xe2\x80\xa8y"}\n')  # BOM, CRLF, a U+2028 inside a string
+    assert read_text_file(p, "mc task file").startswith('{"a"')
+    assert list(iter_jsonl(p, "mc task file")) == [(1, {"a": 1}), (3, {"b": "x\u2028y"})]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(CP1252_JSONL)
+    with pytest.raises(LmsqueezeError, match=r"bad.jsonl:2: mc task file is not UTF-8: byte\(s\) e9 at column 14"):
+        list(iter_jsonl(bad, "mc task file"))
+    with pytest.raises(LmsqueezeError, match=r"dialect file '.*nope.tsv' does not exist"):
+        read_text_file(tmp_path / "nope.tsv", "dialect file")
+    with pytest.raises(LmsqueezeError, match="is a directory"):
+        read_text_file(tmp_path, "dialect file")
+
+
+def test_non_utf8_named_data_set(tmp_path):
+    (tmp_path / "wikitext2").mkdir()
+    (tmp_path / "wikitext2" / "valid.txt").write_bytes(b"ok\nok\n\x93quoted\x94\n")
+    with pytest.raises(LmsqueezeError, match=r"valid.txt:3: the wikitext2:valid data set is not UTF-8"):
+        data.load_text("wikitext2:valid", data_dir=tmp_path)
+
+
+def test_calibration_batches_takes_text_read_before(tok):
+    text = data.load_text("pydoc")
+    assert torch.equal(data.calibration_batches(tok, "pydoc", 4, 32, seed=1, text=text),
+                       data.calibration_batches(tok, "pydoc", 4, 32, seed=1))
