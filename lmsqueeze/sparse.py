@@ -1,7 +1,7 @@
 """2:4 sparse inference for whole models: SparseLinear, sparsify_model, load_sparse.
 
     model, tok = load_model("smollm2-135m", dtype="bf16")   # already pruned to 2:4 (exact zeros)
-    swapped = sparsify_model(model)                         # every exactly-2:4 nn.Linear -> SparseLinear
+    swapped = sparsify_model(model)                         # every exactly-2:4 Linear/Conv1D -> SparseLinear
     model.generate(...)                                     # same logits as the dense-with-zeros model
 
 A SparseLinear keeps only the compressed weight (values + meta, lmsqueeze.kernels.sparse24) and the
@@ -45,10 +45,11 @@ class SparseLinear(nn.Module):
         self._dense_key: tuple | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: str | None = None) -> SparseLinear:
-        """Compress an nn.Linear whose weight is 2:4 (raises naming the first bad group otherwise)."""
+    def from_linear(cls, linear: nn.Module, backend: str | None = None) -> SparseLinear:
+        """Compress an nn.Linear (or GPT-2's Conv1D) whose weight is 2:4 along its inputs (raises naming
+        the first bad group otherwise)."""
         with torch.no_grad():
-            values, meta = compress(linear.weight.detach())
+            values, meta = compress(_weight_out_in(linear).detach().contiguous())
             bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(values, meta, bias, backend=backend)
 
@@ -95,23 +96,44 @@ class SparseLinear(nn.Module):
 
 
 def sparsify_model(model: nn.Module, backend: str | None = None) -> list[str]:
-    """Swap, in place, every nn.Linear whose weight is exactly 2:4 for a SparseLinear; returns their names.
+    """Swap, in place, every linear module whose weight is exactly 2:4 for a SparseLinear; returns their names.
 
-    Layers that are not 2:4 (or whose width is not a multiple of 16) stay dense. A weight tied to
-    another module (e.g. lm_head tied to the embedding) is left alone: the embedding still needs it.
+    Linear modules are nn.Linear ([out, in] weight) and GPT-2's Conv1D (y = x @ W + b with W stored
+    [in, out], i.e. the transpose: its groups of 4 run along W's first dimension), the same two kinds the
+    compressor prunes. Layers that are not 2:4 (or whose width is not a multiple of 16) stay dense. A
+    weight tied to another module (e.g. lm_head tied to the embedding) is left alone: the embedding
+    still needs it.
     """
     shared = _tied_weight_ids(model)
     swapped = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or id(child.weight) in shared:
+            if not _is_linear(child) or id(child.weight) in shared:
                 continue
-            if not is_24(child.weight.detach()):
+            if not is_24(_weight_out_in(child).detach()):
                 continue
             setattr(parent, name, SparseLinear.from_linear(child, backend=backend))
             swapped.append(f"{parent_name}.{name}" if parent_name else name)
     log.info("sparsify_model: %d linear layer(s) now 2:4 compressed", len(swapped))
     return swapped
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers without Conv1D: only nn.Linear exists
+        return None
+    return Conv1D
+
+
+def _is_linear(mod: nn.Module) -> bool:
+    """Exactly nn.Linear or Conv1D (subclasses such as quantized linears carry other weights)."""
+    return type(mod) is nn.Linear or (_conv1d_type() is not None and type(mod) is _conv1d_type())
+
+
+def _weight_out_in(mod: nn.Module) -> torch.Tensor:
+    """The weight as [out, in] (a view): Conv1D stores [in, out]."""
+    return mod.weight if type(mod) is nn.Linear else mod.weight.t()
 
 
 def _tied_weight_ids(model: nn.Module) -> set[int]:
@@ -130,6 +152,6 @@ def load_sparse(name_or_path: str, dtype: str | torch.dtype | None = "bf16", dev
     model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
     swapped = sparsify_model(model, backend=backend)
     if not swapped:
-        raise LmsqueezeError(f"'{name_or_path}' has no 2:4 linear layer (every group of 4 weights along the input "
-                             f"must hold at most 2 non-zeros); prune it to 2:4 first")
+        raise LmsqueezeError(f"'{name_or_path}' has no 2:4 linear layer (nn.Linear or Conv1D whose every group of 4 "
+                             f"weights along the input holds at most 2 non-zeros); prune it to 2:4 first")
     return model, tokenizer, swapped

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from lmsqueeze import models
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels import nm_mask
 from lmsqueeze.kernels import sparse24 as s24
@@ -104,3 +105,48 @@ def test_load_sparse_rejects_dense_checkpoint(tmp_path):
     tok.save_pretrained(tmp_path)
     with pytest.raises(LmsqueezeError, match="has no 2:4 linear layer"):
         load_sparse(str(tmp_path), dtype="fp32")
+
+
+def test_conv1d_swaps_and_matches(tmp_path):
+    """GPT-2's Conv1D stores W as [in, out]: its 2:4 groups run along the first dimension (issue 16, item 3)."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(24, 64)  # nf=24 outputs, nx=64 inputs; weight [64, 24]
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.bias.normal_()
+        conv.weight.copy_(conv.weight * nm_mask(conv.weight.t().abs(), 2, 4).t())
+    model = nn.Sequential(conv)
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():
+        expected = model(x)
+    assert sparsify_model(model) == ["0"]
+    assert isinstance(model[0], SparseLinear) and (model[0].in_features, model[0].out_features) == (64, 24)
+    with torch.no_grad():
+        assert_close(model(x), expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-5, name="conv1d")
+    dense_in_wrong_direction = Conv1D(64, 16)  # 2:4 along the outputs only: must stay dense
+    with torch.no_grad():
+        dense_in_wrong_direction.weight.copy_(torch.randn(16, 64) * nm_mask(torch.rand(16, 64), 2, 4))
+    assert sparsify_model(nn.Sequential(dense_in_wrong_direction)) == []
+
+
+@pytest.mark.parametrize("arch", models.TINY)
+def test_every_architecture_compress_24_save_load_sparse_generate(arch, tmp_path):
+    """compress 2:4 -> save -> load_sparse -> generate, the same tokens and logits as the dense-with-zeros model."""
+    from lmsqueeze.compressor import WandaConfig, compress, save_compressed
+
+    model, tok = load_model(arch, dtype="fp32")
+    calib = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    report = compress(model, WandaConfig(sparsity="2:4"), calib)
+    save_compressed(model, tok, tmp_path / arch, report, model_name=arch)
+    ids = torch.tensor([tok.encode("sparse models still talk")])
+    with torch.no_grad():
+        dense = model(ids).logits
+        dense_gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    sparse_model, _, swapped = load_sparse(str(tmp_path / arch), dtype="fp32")
+    assert set(swapped) == {r.name for r in report.modules}  # every module the compressor pruned
+    with torch.no_grad():
+        got = sparse_model(ids).logits
+        gen = sparse_model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert_close(got, dense, atol=1e-4 * float(dense.abs().max()), rtol=1e-4, name=f"{arch} logits")
+    assert torch.equal(gen, dense_gen)
