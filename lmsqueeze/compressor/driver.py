@@ -18,6 +18,7 @@ the driver hands the methods the [out, in] view.
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import time
 from collections import defaultdict
@@ -28,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmsqueeze import distributed as ddp
-from lmsqueeze.compressor.methods import compress_weight
+from lmsqueeze.compressor.methods import check_finite, check_result, compress_weight
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels import col_sq_norm_update, hessian_finalize, hessian_update
+from lmsqueeze.models import check_sequence_length
 from lmsqueeze.progress import progress
 
 log = logging.getLogger("lmsqueeze")
@@ -306,6 +308,9 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
         if calibration is None:
             raise LmsqueezeError(f"{config.method} needs calibration data (or measure_error=False for data-free methods)")
         ids, mask = _calibration(calibration)
+        # past its learned positions a model dies in the capture (IndexError), past its rotary range it
+        # calibrates silently on positions it never saw: one error before any work, for both
+        check_sequence_length(model, int(ids.shape[1]), "the calibration window")
     report = CompressionReport(method=config.method, config=config.to_dict(), device=str(device),
                                offload="disk" if offload is not None else "none",
                                dtype=str(dtype).removeprefix("torch."), num_layers=len(layers))
@@ -334,6 +339,7 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
         # the parts outside the layers (embeddings, head) stay in memory even when the layers are offloaded
         rest_home = next((p.device for n, p in model.named_parameters() if not n.startswith(prefix + ".")), home)
         batches = _capture(model, layers, ids, mask, batch_size, device, rest_home, clock) if needs_data else []
+        _check_hidden(batches, f"the inputs of {prefix}.0 (the embedded calibration tokens)", dtype)
         bar = progress(range(len(layers)), desc=f"{config.method}", unit="layer", leave=True)
         for i in bar:
             layer = layers[i]
@@ -358,7 +364,9 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
                 if k % ddp.world_size() != ddp.rank():
                     continue  # data parallel: module k is solved by rank k % world, which broadcasts it
                 stat = stats[leader_of[name]].value if stats else None
+                _check_inputs(W, stat, name, leader_of.get(name), dtype)
                 res = compress_weight(W.detach(), stat, config)
+                check_result(res, name)
                 W.copy_(res.W.to(W.dtype))
                 solved[name] = dict(sparsity=None if res.mask is None else 1.0 - float(res.mask.float().mean()),
                                     loss=res.loss, percdamp=res.percdamp, dead=res.dead)
@@ -378,6 +386,7 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
                 bar.set_postfix_str(f"layer {i}: propagate")
                 errors = _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, error_samples,
                                     offset)
+                _check_hidden(batches, f"the outputs of {prefix}.{i} after compression", dtype)
                 for rec in report.modules[-len(mods):] if mods else []:
                     rec.recon_error = errors.get(rec.name)
                 if errors:
@@ -404,6 +413,43 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
     if cuda:
         report.peak_cuda_mib = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return report
+
+
+def _overflow_hint(dtype: torch.dtype) -> str:
+    if dtype == torch.float16:
+        return "; fp16 overflows past 65504: compress in bf16 or fp32 (--dtype bf16)"
+    return "; check the model's weights and the calibration text"
+
+
+def _check_inputs(W: torch.Tensor, stat: torch.Tensor | None, name: str, leader: str | None, dtype) -> None:
+    """The weights and the statistic a method is about to read: finite, or an error naming the module."""
+    check_finite(W, f"the weights of {name}", "; the checkpoint itself holds nan/inf")
+    if stat is not None:
+        kind = "Hessian" if stat.dim() == 2 else "column norms"
+        shared = f" (shared with {leader})" if leader and leader != name else ""
+        check_finite(stat, f"the {kind} of the calibration inputs of {name}{shared}", _overflow_hint(dtype))
+
+
+def _check_hidden(batches: list[dict], what: str, dtype) -> None:
+    """Every valid (non-padding) token's hidden state finite, or one error saying where it went wrong.
+
+    Data parallel: the count of bad tokens is all-reduced, so every rank stops together (a rank that
+    raised alone would leave the others waiting in the next collective)."""
+    if not batches:  # data-free run: the same on every rank
+        return
+    bad = total = 0
+    for b in batches:
+        h = b["h"] if b["mask"] is None else b["h"][b["mask"]]
+        rows = h.reshape(-1, h.shape[-1])
+        total += rows.shape[0]
+        if not bool(torch.isfinite(rows).all()):
+            bad += int((~torch.isfinite(rows)).any(-1).sum())
+    if ddp.active():
+        counts = torch.tensor([float(bad), float(total)], dtype=torch.float64, device=batches[0]["h"].device)
+        ddp.all_reduce_sum_(counts, what="all-reduce of the non-finite token count")
+        bad, total = int(counts[0]), int(counts[1])
+    if bad:
+        raise LmsqueezeError(f"{what} hold nan/inf on {bad} of {total} calibration tokens{_overflow_hint(dtype)}")
 
 
 def _capture(model, layers, ids, mask, batch_size, device, home, clock) -> list[dict]:
@@ -618,4 +664,10 @@ def _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, erro
         ddp.all_reduce_sum_(sums, what="all-reduce of the output errors")
         for j, n in enumerate(names):
             num[n], den[n] = float(sums[j]), float(sums[len(names) + j])
-    return {n: (num[n] / den[n] if den[n] > 0 else 0.0) for n in deltas} if measure_error else {}
+    if not measure_error:
+        return {}
+    for n in deltas:  # a nan compares False with 0: without this a nan error would be reported as 0.0
+        if not (math.isfinite(num[n]) and math.isfinite(den[n])):
+            raise LmsqueezeError(f"the output error of {n} is not finite (sum |dy|^2 = {num[n]}, sum |y|^2 = {den[n]}): "
+                                 f"its inputs or outputs hold nan/inf{_overflow_hint(next(layer.parameters()).dtype)}")
+    return {n: (num[n] / den[n] if den[n] > 0 else 0.0) for n in deltas}

@@ -13,6 +13,7 @@ Nothing here knows about models; the driver feeds the statistics in.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -131,3 +132,24 @@ def compress_weight(W: torch.Tensor, stat: torch.Tensor | None, cfg) -> LayerRes
     if cfg.method == "rtn":
         return rtn(W, cfg)
     raise LmsqueezeError(f"unknown method '{cfg.method}'")
+
+
+def check_finite(t: torch.Tensor, what: str, hint: str = "") -> None:
+    """Stop with one error when `t` holds nan or inf. Every method needs this up front: a NaN score is never
+    selected by a mask, a NaN weight survives magnitude pruning, and a NaN error compares False with 0, so
+    without it a non-finite input passes silently and is reported as a perfect (0.0) reconstruction."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        n = int(bad.sum())
+        kinds = "/".join(k for k, present in (("nan", bool(torch.isnan(t).any())), ("inf", bool(torch.isinf(t).any())))
+                         if present)
+        raise LmsqueezeError(f"{what} hold {n} non-finite value{'s' if n > 1 else ''} ({kinds}) of {t.numel()}; "
+                             f"every value must be finite{hint}")
+
+
+def check_result(res: LayerResult, name: str) -> None:
+    """The solver's output: compressed weights and loss estimate finite (a singular update would spread nan)."""
+    check_finite(res.W, f"the compressed weights of {name}")
+    if res.loss is not None and not math.isfinite(res.loss):
+        raise LmsqueezeError(f"the OBS loss estimate of {name} is {res.loss}; the Hessian of its calibration inputs "
+                             f"is not usable (non-finite activations?)")

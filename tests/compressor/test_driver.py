@@ -186,3 +186,47 @@ def test_smollm2_wanda_24_exact_and_reloads(tmp_path):
     for name, mod in plain.named_modules():
         if name.endswith("proj"):
             assert bool(((mod.weight != 0).reshape(mod.weight.shape[0], -1, 4).sum(-1) <= 2).all()), name
+
+
+# ---- non-finite values (issue 16, item 2): every method stops and names the layer and module -----------------
+
+def _overflowing_fp16_llama():
+    """tiny-llama in fp16 with one row of layer 0's down_proj at 6e4: its output overflows to inf, so the
+    inputs of layer 1 hold inf."""
+    model, _ = load_model("tiny-llama", dtype="fp16")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[3].fill_(6e4)
+    return model
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_non_finite_activations_stop_every_method(method):
+    """Wanda and magnitude used to finish with recon_error == 0.0 for every layer-1 module (nan > 0 is False)."""
+    model = _overflowing_fp16_llama()
+    with pytest.raises(LmsqueezeError) as e:
+        compress(model, CONFIGS[method], calib(2, 16))
+    msg = str(e.value)
+    assert "model.layers.0" in msg and ("nan" in msg or "inf" in msg) and "bf16" in msg, msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "gptq"])
+def test_non_finite_activations_without_error_measurement(method):
+    """measure_error=False: no error hook sees the overflow; the statistic of layer 1's inputs (or layer 0's
+    propagated outputs) must. (Data-free methods run no forward then: there is nothing to see.)"""
+    model = _overflowing_fp16_llama()
+    with pytest.raises(LmsqueezeError, match=r"model\.layers\.[01]\b.*(nan|inf)") as e:
+        compress(model, CONFIGS[method], calib(2, 16), measure_error=False)
+    assert "bf16" in str(e.value)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weight_names_the_module(method, value):
+    model, _ = load_model("tiny-qwen2")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight[0, 5] = value
+    with pytest.raises(LmsqueezeError, match=r"the weights of model\.layers\.1\.self_attn\.k_proj hold 1 non-finite "
+                                             r"value \((nan|inf)\)"):
+        compress(model, CONFIGS[method], calib(2, 16), measure_error=False)
+
