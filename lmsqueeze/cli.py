@@ -189,6 +189,13 @@ def cmd_compress(args) -> int:
     check_sequence_length(load_config(args.model), args.seqlen, "--seqlen (the calibration window)")
     text = load_text(args.calib, args.data_dir)
     model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
+    from lmsqueeze.compressor.formats import plan as format_plan
+    from lmsqueeze.compressor.save import sizes_markdown
+
+    fmt = format_plan(model, config, args.format, offload=args.offload == "disk")  # refuses before any work
+    for note in fmt.notes:
+        print(f"note: {note}", file=sys.stderr)
+    grids = {} if fmt.format in ("compressed-tensors", "gptq") else None
     offload = None
     if args.offload == "disk":  # the layers go to safetensors files; one at a time comes back
         import tempfile
@@ -201,14 +208,15 @@ def cmd_compress(args) -> int:
     calib_info = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
     try:
         report = compress(model, config, calib, device=args.device, batch_size=args.batch_size,
-                          calibration_info=calib_info, offload=offload)
+                          calibration_info=calib_info, offload=offload, grids=grids)
         if args.offload == "cpu":
             report.offload = "cpu"
         if ddp.is_main():  # every rank holds the same compressed model; one writes it
-            save_compressed(model, tok, args.output_dir, report, model_name=args.model,
-                            extra={"dtype": args.dtype}, offload=offload)
-            print(f"compressed {args.model} with {config.describe()} -> {args.output_dir}\n")
+            meta = save_compressed(model, tok, args.output_dir, report, model_name=args.model,
+                                   extra={"dtype": args.dtype}, offload=offload, format=fmt.format, grids=grids)
+            print(f"compressed {args.model} with {config.describe()} -> {args.output_dir} ({fmt.format})\n")
             print(report.summary_markdown())
+            print("\n" + sizes_markdown(meta))
     finally:
         if offload is not None:
             offload.cleanup()
@@ -343,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default 0)")
     s.add_argument("--data-dir", default=None, help="directory holding the data sets")
     s.add_argument("--output-dir", required=True, help="where the compressed checkpoint is written")
+    s.add_argument("--format", default=None, choices=["compressed-tensors", "gptq", "dense", "sparse24"],
+                   help="checkpoint format: compressed-tensors (pack-quantized, vLLM/transformers), gptq (qweight/"
+                        "qzeros/scales/g_idx), dense (floats with exact zeros, any tool), sparse24 (packed 2:4 "
+                        "values + metadata, lmsqueeze.compressor.formats.load_packed_sparse24); default: "
+                        "compressed-tensors for gptq/rtn/sparsegpt --bits, dense otherwise")
     s.add_argument("--dist-timeout", type=float, default=None,
                    help="under torchrun: seconds a rank waits for the others before giving up "
                         "(default LMSQUEEZE_DIST_TIMEOUT, else 600)")

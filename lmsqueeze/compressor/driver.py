@@ -261,7 +261,7 @@ class _Clock:
 @torch.no_grad()
 def compress(model, config, calibration=None, *, device: str | torch.device | None = None, batch_size: int = 8,
              measure_error: bool = True, error_samples: int | None = 8,
-             calibration_info: dict | None = None, offload=None) -> CompressionReport:
+             calibration_info: dict | None = None, offload=None, grids: dict | None = None) -> CompressionReport:
     """Compress `model` in place with `config`; returns a CompressionReport.
 
     calibration: a [nsamples, seqlen] token tensor, or a dict with input_ids and attention_mask (0 = padding);
@@ -273,6 +273,8 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
         sample, so by default it looks at 8 samples (one batch); every method is measured on the same ones.
     offload: a compressor.offload.DiskOffload holding the decoder layers on disk (each is fetched onto
         `device`, compressed, written back and dropped); None: layers live in memory.
+    grids: a dict that quantizers fill with {module name: QuantGrid} (CPU tensors), the integer codes,
+        scales and zeros they chose, for packed checkpoints (compressor.formats); None: not kept.
 
     Data parallel (torch.distributed initialised with more than one rank, e.g. under torchrun): each
     rank takes its contiguous block of the calibration samples, accumulates its own statistics, and
@@ -365,9 +367,11 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
                     continue  # data parallel: module k is solved by rank k % world, which broadcasts it
                 stat = stats[leader_of[name]].value if stats else None
                 _check_inputs(W, stat, name, leader_of.get(name), dtype)
-                res = compress_weight(W.detach(), stat, config)
+                res = compress_weight(W.detach(), stat, config, keep_grid=grids is not None)
                 check_result(res, name)
                 W.copy_(res.W.to(W.dtype))
+                if res.grid is not None and grids is not None:
+                    grids[name] = _grid_to_cpu(res.grid)
                 solved[name] = dict(sparsity=None if res.mask is None else 1.0 - float(res.mask.float().mean()),
                                     loss=res.loss, percdamp=res.percdamp, dead=res.dead)
             del stats
@@ -375,6 +379,9 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
                 for k, (name, mod) in enumerate(mods.items()):
                     ddp.broadcast_(mod.weight.data, src=k % ddp.world_size(), what=f"broadcast of {name}")
                 solved = dict(ddp.gather_concat(list(solved.items()), what="gather of solve results"))
+                if grids is not None:
+                    mine = [(n, g) for n, g in grids.items() if n in mods]
+                    grids.update(ddp.gather_concat(mine, what="gather of quantization grids"))
             for name, mod in mods.items():
                 stored = weight_of(mod)
                 report.modules.append(ModuleRecord(
@@ -450,6 +457,12 @@ def _check_hidden(batches: list[dict], what: str, dtype) -> None:
         bad, total = int(counts[0]), int(counts[1])
     if bad:
         raise LmsqueezeError(f"{what} hold nan/inf on {bad} of {total} calibration tokens{_overflow_hint(dtype)}")
+
+
+def _grid_to_cpu(grid):
+    from dataclasses import replace
+
+    return replace(grid, codes=grid.codes.cpu(), scale=grid.scale.cpu(), zero=grid.zero.cpu(), g_idx=grid.g_idx.cpu())
 
 
 def _capture(model, layers, ids, mask, batch_size, device, home, clock) -> list[dict]:

@@ -9,6 +9,9 @@ Nothing here knows about models; the driver feeds the statistics in.
 - sparsegpt(W, H, cfg): blocked OBS pruning (optionally jointly quantized), kernels.obs_update.
 - gptq(W, H, cfg): blocked OBS quantization, optional act-order, kernels.obs_update.
 - rtn(W, cfg): round to nearest on the same grid as GPTQ.
+
+keep_grid=True (quantizers): the LayerResult also carries the QuantGrid (integer codes, scales, zeros,
+g_idx) the solver chose, which packed checkpoints store as they are.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels import nm_mask, obs_update, quantize_rtn, rowwise_mask, wanda_mask
+from lmsqueeze.kernels.obs import QuantGrid, quantize_rtn_grid
 
 log = logging.getLogger("lmsqueeze")
 
@@ -33,6 +37,7 @@ class LayerResult:
     loss: float | None = None       # OBS loss estimate sum (w - q)^2 / [Hinv]_jj^2 / 2 (sparsegpt, gptq)
     percdamp: float | None = None   # the damping that made H positive definite (after retries)
     dead: int = 0                   # inputs with diag(H) == 0 (their column was zeroed)
+    grid: QuantGrid | None = None   # the quantization grid (keep_grid=True, quantizers only)
 
 
 def _keep_from_scores(scores: torch.Tensor, cfg, per_row: bool) -> torch.Tensor:
@@ -63,7 +68,10 @@ def wanda(W: torch.Tensor, col_sq_norm: torch.Tensor, cfg) -> LayerResult:
     return LayerResult(W.float().masked_fill(~keep, 0.0), keep)
 
 
-def rtn(W: torch.Tensor, cfg) -> LayerResult:
+def rtn(W: torch.Tensor, cfg, keep_grid: bool = False) -> LayerResult:
+    if keep_grid:
+        Wq, grid = quantize_rtn_grid(W.float(), cfg.quant_spec())
+        return LayerResult(Wq, None, grid=grid)
     return LayerResult(quantize_rtn(W.float(), cfg.quant_spec()), None)
 
 
@@ -100,37 +108,43 @@ def prepare_hessian(W: torch.Tensor, H: torch.Tensor, percdamp: float):
                          f"layer are degenerate (too few tokens? nan/inf activations?)")
 
 
-def sparsegpt(W: torch.Tensor, H: torch.Tensor, cfg) -> LayerResult:
+def sparsegpt(W: torch.Tensor, H: torch.Tensor, cfg, keep_grid: bool = False) -> LayerResult:
     cfg.check_width(W.shape[1], "this layer")
     W, Hinv, pd, ndead = prepare_hessian(W, H, cfg.percdamp)
-    Wn, keep, losses = obs_update(W, Hinv, blocksize=cfg.blocksize, prune=cfg.prune_spec(), quant=cfg.quant_spec())
-    return LayerResult(Wn, keep, float(losses.sum()), pd, ndead)
+    quant = cfg.quant_spec()
+    Wn, keep, losses, *grid = obs_update(W, Hinv, blocksize=cfg.blocksize, prune=cfg.prune_spec(), quant=quant,
+                                         return_grid=keep_grid and quant is not None)
+    return LayerResult(Wn, keep, float(losses.sum()), pd, ndead, grid=grid[0] if grid else None)
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, cfg) -> LayerResult:
+def gptq(W: torch.Tensor, H: torch.Tensor, cfg, keep_grid: bool = False) -> LayerResult:
     perm = None
     if cfg.act_order:  # visit the inputs with the largest diag(H) first; groups are consecutive in that order
         perm = torch.argsort(torch.diag(H.float()), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
     W, Hinv, pd, ndead = prepare_hessian(W, H, cfg.percdamp)
-    Wn, _, losses = obs_update(W, Hinv, blocksize=cfg.blocksize, quant=cfg.quant_spec())
+    Wn, _, losses, *grid = obs_update(W, Hinv, blocksize=cfg.blocksize, quant=cfg.quant_spec(), return_grid=keep_grid)
+    grid = grid[0] if grid else None
     if perm is not None:
         Wn = Wn[:, torch.argsort(perm)]
-    return LayerResult(Wn, None, float(losses.sum()), pd, ndead)
+        grid = grid.permuted(perm) if grid is not None else None
+    return LayerResult(Wn, None, float(losses.sum()), pd, ndead, grid=grid)
 
 
-def compress_weight(W: torch.Tensor, stat: torch.Tensor | None, cfg) -> LayerResult:
-    """Dispatch on the config's method. stat: col_sq_norm [in] (wanda), H [in, in] (sparsegpt, gptq), else None."""
+def compress_weight(W: torch.Tensor, stat: torch.Tensor | None, cfg, keep_grid: bool = False) -> LayerResult:
+    """Dispatch on the config's method. stat: col_sq_norm [in] (wanda), H [in, in] (sparsegpt, gptq), else None.
+
+    keep_grid: quantizers also return their QuantGrid (ignored by pure pruners)."""
     if cfg.method == "magnitude":
         return magnitude(W, cfg)
     if cfg.method == "wanda":
         return wanda(W, stat, cfg)
     if cfg.method == "sparsegpt":
-        return sparsegpt(W, stat, cfg)
+        return sparsegpt(W, stat, cfg, keep_grid)
     if cfg.method == "gptq":
-        return gptq(W, stat, cfg)
+        return gptq(W, stat, cfg, keep_grid)
     if cfg.method == "rtn":
-        return rtn(W, cfg)
+        return rtn(W, cfg, keep_grid)
     raise LmsqueezeError(f"unknown method '{cfg.method}'")
 
 

@@ -32,6 +32,8 @@ the reference's fp32 operations in the same order, so its mask and weights match
 lmsqueeze/kernels/triton/obs.py: one launch per block plus one matmul.
 
 The grid (find_params / quantize / quantize_rtn) lives here too, so RTN and GPTQ share one grid.
+A QuantGrid records it: the integer code of every weight and each group's scale and zero point, so a
+packed checkpoint stores the solver's own values (obs_update(..., return_grid=True), quantize_rtn_grid).
 """
 from __future__ import annotations
 
@@ -122,15 +124,67 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
 
 
 def quantize_rtn(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Round-to-nearest on the same grid as GPTQ: groups of group_size consecutive columns."""
-    W = W.float()
-    cols = W.shape[1]
+    """Round-to-nearest on the same grid as GPTQ: groups of group_size consecutive columns (the last
+    group of a row holds the remainder when group_size does not divide the width)."""
+    return quantize_rtn_grid(W, spec)[0]
+
+
+@dataclass
+class QuantGrid:
+    """The grid a quantizer put a layer on: W[:, c] == scale[:, g_idx[c]] * (codes[:, c] - zero[:, g_idx[c]]) in fp32.
+
+    codes [rows, cols] uint8 in [0, 2^bits - 1], in the weight's own column order; scale and zero
+    [rows, groups] fp32 (zero holds integers); g_idx [cols] int32, the group of each column: c // group_size,
+    or with act-order the group of the column's place in the sweep. Pruned weights have code == zero.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    group_size: int      # columns per group in sweep order; -1: one group per row
+    sym: bool
+    act_order: bool = False
+
+    def dequantize(self) -> torch.Tensor:
+        """[rows, cols] fp32, bit for bit the weights the solver produced."""
+        g = self.g_idx.long()
+        return self.scale[:, g] * (self.codes.float() - self.zero[:, g])
+
+    def permuted(self, perm: torch.Tensor) -> QuantGrid:
+        """The grid of a sweep over W[:, perm], mapped back to W's column order (act-order)."""
+        inv = torch.argsort(perm)
+        return QuantGrid(self.codes[:, inv], self.scale, self.zero, self.g_idx[inv], self.bits, self.group_size,
+                         self.sym, act_order=True)
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """The integer codes quantize() rounds to (same fp32 operations), as uint8."""
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, maxq).to(torch.uint8)
+
+
+def _group_index(cols: int, spec: QuantSpec, device) -> torch.Tensor:
     gs = cols if spec.group_size == -1 else spec.group_size
+    return (torch.arange(cols, device=device) // gs).to(torch.int32)
+
+
+def quantize_rtn_grid(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, QuantGrid]:
+    """(quantize_rtn(W, spec), the grid it used)."""
+    W = W.float()
+    rows, cols = W.shape
+    gs = cols if spec.group_size == -1 else spec.group_size
+    ngroups = -(-cols // gs)
     out = torch.empty_like(W)
-    for j in range(0, cols, gs):
+    codes = torch.empty((rows, cols), dtype=torch.uint8, device=W.device)
+    scales = torch.empty((rows, ngroups), dtype=torch.float32, device=W.device)
+    zeros = torch.empty_like(scales)
+    for g, j in enumerate(range(0, cols, gs)):
         scale, zero = find_params(W[:, j:j + gs], spec)
+        codes[:, j:j + gs] = _codes(W[:, j:j + gs], scale, zero, spec.maxq)
         out[:, j:j + gs] = quantize(W[:, j:j + gs], scale, zero, spec.maxq)
-    return out
+        scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
+    return out, QuantGrid(codes, scales, zeros, _group_index(cols, spec, W.device), spec.bits, spec.group_size, spec.sym)
 
 
 @contextlib.contextmanager
@@ -167,20 +221,29 @@ def _check(W, Hinv, blocksize, prune, quant):
 
 
 def obs_update_ref(W: torch.Tensor, Hinv: torch.Tensor, *, blocksize: int = 128, prune: PruneSpec | None = None,
-                   quant: QuantSpec | None = None):
+                   quant: QuantSpec | None = None, return_grid: bool = False):
     """The published blocked loop (SparseGPT Alg. 1 / GPTQ Alg. 1), paper symbols kept.
 
     W [rows, cols] fp32 (not modified), Hinv [cols, cols] fp32 upper Cholesky factor of H^-1.
     Returns (W_new [rows, cols] fp32, keep mask [rows, cols] bool or None when nothing is pruned,
-    losses [rows] fp32: sum over columns of (w - q)^2 / Hinv[j, j]^2 / 2, the OBS estimate).
+    losses [rows] fp32: sum over columns of (w - q)^2 / Hinv[j, j]^2 / 2, the OBS estimate), and with
+    return_grid (quant only) a fourth item, the QuantGrid the sweep chose (W_new == grid.dequantize()).
     """
     W = W.clone()
     rows, cols = W.shape
     mask = torch.ones_like(W, dtype=torch.bool) if prune is not None else None
     Losses = torch.zeros(rows, dtype=torch.float32, device=W.device)
     scale = zero = None
+    record = return_grid and quant is not None
+    if record:
+        ngroups = 1 if quant.group_size == -1 else -(-cols // quant.group_size)
+        codes = torch.empty((rows, cols), dtype=torch.uint8, device=W.device)
+        scales = torch.empty((rows, ngroups), dtype=torch.float32, device=W.device)
+        zeros = torch.empty_like(scales)
     if quant is not None and quant.group_size == -1:
         scale, zero = find_params(W, quant)
+        if record:
+            scales[:, 0], zeros[:, 0] = scale[:, 0], zero[:, 0]
     count = 0  # weights pruned so far (unstructured): keeps the layer total exact
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -210,9 +273,16 @@ def obs_update_ref(W: torch.Tensor, Hinv: torch.Tensor, *, blocksize: int = 128,
                 if quant is not None:
                     if quant.group_size != -1 and (i1 + i) % quant.group_size == 0:
                         scale, zero = find_params(W[:, i1 + i:i1 + i + quant.group_size], quant)
+                        if record:
+                            g = (i1 + i) // quant.group_size
+                            scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
+                    if record:
+                        codes[:, i1 + i] = _codes(q[:, None], scale, zero, quant.maxq)[:, 0]
                     q = quantize(q[:, None], scale, zero, quant.maxq)[:, 0]
                 if prune is not None:
                     q[~mask[:, i1 + i]] = 0
+                    if record:  # a pruned weight is exactly 0: its code is the zero point
+                        codes[~mask[:, i1 + i], i1 + i] = zero[~mask[:, i1 + i], 0].to(torch.uint8)
                 Q1[:, i] = q
                 Losses1[:, i] = (w - q) ** 2 / d ** 2 / 2
                 err1 = (w - q) / d
@@ -221,6 +291,9 @@ def obs_update_ref(W: torch.Tensor, Hinv: torch.Tensor, *, blocksize: int = 128,
         W[:, i1:i2] = Q1
         Losses += Losses1.sum(dim=1)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if record:
+        return W, mask, Losses, QuantGrid(codes, scales, zeros, _group_index(cols, quant, W.device), quant.bits,
+                                          quant.group_size, quant.sym)
     return W, mask, Losses
 
 
@@ -236,14 +309,22 @@ def block_prune_counts(sparsity: float, rows: int, cols: int, blocksize: int) ->
 
 
 def obs_update(W: torch.Tensor, Hinv: torch.Tensor, *, blocksize: int = 128, prune: PruneSpec | None = None,
-               quant: QuantSpec | None = None, backend: str | None = None):
+               quant: QuantSpec | None = None, backend: str | None = None, return_grid: bool = False):
     """The one entry for the OBS sweep; see obs_update_ref for the contract.
 
     backend: None (auto: "cpu" for CPU tensors when the extension is built, "triton" for CUDA
     tensors), "ref", "cpu" or "triton"; LMSQUEEZE_BACKEND forces one too. The fast paths give the
     reference's mask and, up to fp32 summation order, its weights (tests/kernels/test_obs_fast.py).
+    return_grid (with quant): also return the QuantGrid. Only the reference records a group's scale
+    and zero when the sweep reaches it (the fast kernels keep them in registers), so the sweep runs
+    there: a packed checkpoint then holds the very codes, scales and zeros the solver chose.
     """
     _check(W, Hinv, blocksize, prune, quant)
+    if return_grid and quant is not None:
+        if backend not in (None, "ref"):
+            raise LmsqueezeError(f"obs_update backend '{backend}' does not return the quantization grid; "
+                                 f"valid with return_grid: ref (or None)")
+        return obs_update_ref(W, Hinv, blocksize=blocksize, prune=prune, quant=quant, return_grid=True)
     chosen = choose_backend("obs_update", W.device, backend, IMPLEMENTED)
     if chosen == "ref":
         return obs_update_ref(W, Hinv, blocksize=blocksize, prune=prune, quant=quant)
