@@ -53,6 +53,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("prune_counts"), py::arg("nm_n"), py::arg("nm_m"), py::arg("bits"), py::arg("group_size"),
         py::arg("sym"));
   // ---- end obs_update ----
+  // ---- quant_matmul (issue 19) ----
+  m.def("quant_matmul_cpu", &lmsqueeze::quant_matmul_cpu, py::arg("x"), py::arg("qweight"), py::arg("scales"),
+        py::arg("zeros"), py::arg("perm"), py::arg("in_features"), py::arg("bits"), py::arg("group_size"),
+        py::arg("bias") = py::none());
+  m.def("sparse24_quant_matmul_cpu", &lmsqueeze::sparse24_quant_matmul_cpu, py::arg("x"), py::arg("qvalues"),
+        py::arg("meta"), py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),
+        py::arg("bias") = py::none());
+  // ---- end quant_matmul ----
 #ifdef LMSQUEEZE_WITH_CUDA
   m.def("col_sq_norm_update_cuda", &lmsqueeze::col_sq_norm_update_cuda, py::arg("s"), py::arg("x"),
         py::arg("nsamples"), py::arg("mask") = py::none());

@@ -38,6 +38,19 @@ std::tuple<torch::Tensor, std::optional<torch::Tensor>, torch::Tensor> obs_updat
     int64_t nm_n, int64_t nm_m, int64_t bits, int64_t group_size, bool sym);
 // ---- end obs_update ----
 
+// ---- quant_matmul (issue 19): group-quantized weights; formats in lmsqueeze/kernels/quant.py ----
+// y [rows, out] = x [rows, in] @ W.T + bias, W = scales * (codes - zeros) per group; x float32 or bfloat16.
+// qweight [out, ceil(in*bits/32)] int32, scales [out, ngroups] float32, zeros [out, ngroups] uint8,
+// perm [in] int64 or None (packed column j is input column perm[j]).
+torch::Tensor quant_matmul_cpu(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                               const torch::Tensor& zeros, const std::optional<torch::Tensor>& perm, int64_t in,
+                               int64_t bits, int64_t group_size, const std::optional<torch::Tensor>& bias);
+// 2:4 + 4-bit: qvalues [out, in/16] int32 (codes of the kept values), meta [out, in/16] int16 (sparse24's).
+torch::Tensor sparse24_quant_matmul_cpu(const torch::Tensor& x, const torch::Tensor& qvalues, const torch::Tensor& meta,
+                                        const torch::Tensor& scales, const torch::Tensor& zeros, int64_t bits,
+                                        int64_t group_size, const std::optional<torch::Tensor>& bias);
+// ---- end quant_matmul ----
+
 #ifdef LMSQUEEZE_WITH_CUDA
 int64_t col_sq_norm_update_cuda(torch::Tensor s, const torch::Tensor& x, int64_t nsamples,
                                 const std::optional<torch::Tensor>& mask);
