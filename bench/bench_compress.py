@@ -103,10 +103,10 @@ def run_one(name: str, args) -> dict:
                             for m in report.modules])
         out["checks"] = _checks(model, config, report)
     if args.ppl_windows:
-        from lmsqueeze.evaluation.perplexity import perplexity
+        from lmsqueeze.evaluation import perplexity
 
         t0 = time.perf_counter()
-        res = perplexity(model, tok, "wikitext2:test", seqlen=512, limit=args.ppl_windows, batch_size=4)
+        res = perplexity(model, tok, "wikitext2:test", seqlen=512, limit=args.ppl_windows, batch_tokens=2048)
         out["ppl"] = res["ppl"]
         out["ppl_tokens"] = res["tokens"]
         out["ppl_s"] = time.perf_counter() - t0

@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -27,50 +26,9 @@ def set_threads(threads: int | None) -> None:
 
 # ---- info ---------------------------------------------------------------------------------------------
 
-def backend_report() -> dict:
-    """What this process can run: versions, the C++ extension, CPU features, Triton, CUDA."""
-    import importlib.metadata as md
-
-    import torch
-
-    from lmsqueeze import __version__, _ext
-    from lmsqueeze.kernels._dispatch import triton_available, triton_interpreting
-
-    def version(pkg):
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    C = _ext.ext()
-    rep = {
-        "versions": {"lmsqueeze": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": version("transformers"), "triton": version("triton")},
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "cpp_extension": {"built": C is not None, "why_not": _ext.EXT_ERROR},
-        "triton": {"installed": triton_available(), "interpreter": triton_interpreting()},
-        "cuda": {"torch_cuda": torch.version.cuda, "available": torch.cuda.is_available(),
-                 "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-                 "extension_kernels": bool(C is not None and C.has_cuda())},
-    }
-    if C is not None:
-        rep["cpp_extension"]["cpu_features"] = dict(C.cpu_features())
-        rep["cpp_extension"]["active_isa"] = C.active_isa()
-    return rep
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cmd_info(args) -> int:
+    from lmsqueeze.info import backend_report
+
     rep = backend_report()
     if args.json:
         print(json.dumps(rep, indent=2))
@@ -127,46 +85,37 @@ def cmd_data(args) -> int:
 
 # ---- eval -------------------------------------------------------------------------------------------
 
-def parse_tasks(spec: str):
-    """The tasks named by --tasks (see lmsqueeze.evaluation.tasks for the registry)."""
-    from lmsqueeze.evaluation.tasks import parse_tasks as _parse
-
-    return _parse(spec)
-
-
 def cmd_eval(args) -> int:
+    from lmsqueeze import distributed as ddp
     from lmsqueeze.evaluation.api import evaluate, write_report
     from lmsqueeze.evaluation.report import render_markdown
 
-    from lmsqueeze.evaluation.api import split_tasks
-    from lmsqueeze.evaluation.safety import parse_tasks as parse_safety_tasks
-    from lmsqueeze.evaluation.safety import render_markdown as render_safety
-
-    tasks = args.tasks if (args.tasks is not None or args.suite is not None) else "ppl:pydoc"
-    core, safety = split_tasks(tasks, args.suite, args.base is not None)  # fail on bad names before loading
-    if core:
-        parse_tasks(core)
-    if safety:
-        parse_safety_tasks(safety)
     set_threads(args.threads)
-    from lmsqueeze import distributed as ddp
-
-    _join_process_group(args)  # under torchrun: loglik requests are shared out across the ranks
-    report = evaluate(args.model, tasks=core + safety, base=args.base, seqlen=args.seqlen, limit=args.limit,
-                      batch_tokens=args.batch_tokens, topk=args.topk, max_new_tokens=args.max_new_tokens,
+    ddp.join(args.device, args.dist_timeout)  # under torchrun: every task's requests are shared out by rank
+    extra = {"bbq_norm": args.bbq_norm}
+    report = evaluate(args.model, tasks=args.tasks, suite=args.suite, base=args.base, seqlen=args.eval_seqlen,
+                      limit=args.limit, batch_tokens=args.batch_tokens, topk=args.topk,
+                      max_new_tokens=args.max_new_tokens, safety_new_tokens=args.safety_new_tokens,
                       data_dir=args.data_dir, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir,
-                      reuse_cache=not args.no_cache, seed=args.seed,
-                      safety_options={"max_new_tokens": args.safety_new_tokens})
+                      reuse_cache=not args.no_cache, seed=args.seed, chat_template=not args.no_chat_template,
+                      resamples=args.resamples, extra=extra, skip_unavailable=args.skip_unavailable)
     main_rank = ddp.is_main()  # every rank holds the whole report; rank 0 shows and writes it
     ddp.shutdown()
     if not main_rank:
         return 0
-    if report["results"]:
-        print(render_markdown(report))
-    if "safety" in report:
-        print("\n" + render_safety(report["safety"]))
+    print(render_markdown(report))
     if args.output:
         write_report(report, args.output)
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from lmsqueeze.evaluation.task import registry
+
+    for cls in registry().values():
+        suites = ", ".join(cls.suites) or "-"
+        heads = ", ".join(h.key for h in cls.headline) or "-"
+        print(f"{cls.usage:28s} suites: {suites:8s} headline: {heads}")
     return 0
 
 
@@ -180,7 +129,7 @@ def cmd_compress(args) -> int:
 
     config = make_config(args.method, sparsity=args.sparsity, bits=args.bits, group_size=args.group_size,
                          act_order=args.act_order, sym=args.sym, blocksize=args.blocksize, percdamp=args.percdamp)
-    _join_process_group(args)
+    ddp.join(args.device, args.dist_timeout)
     from lmsqueeze.compressor.offload import DiskOffload, check_mode
 
     check_mode(args.offload)
@@ -238,7 +187,7 @@ def cmd_study(args) -> int:
     fields = load_study_file(args.config) if args.config else {}
     for flag in ("model", "methods", "sparsity", "bits", "calib", "nsamples", "seqlen", "seed", "suite", "tasks",
                  "limit", "eval_seqlen", "batch_tokens", "topk", "max_new_tokens", "safety_new_tokens",
-                 "group_size", "dtype", "device", "batch_size", "data_dir", "cache_dir"):
+                 "group_size", "dtype", "device", "batch_size", "data_dir", "cache_dir", "resamples"):
         value = getattr(args, flag)
         if value is not None:
             fields[_STUDY_FLAGS.get(flag, flag)] = value
@@ -246,6 +195,10 @@ def cmd_study(args) -> int:
         fields["keep_models"] = True
     if args.no_dense:
         fields["dense"] = False
+    if args.no_chat_template:
+        fields["chat_template"] = False
+    if args.skip_unavailable:
+        fields["skip_unavailable"] = True
     if not fields.get("model"):
         raise LmsqueezeError("a study needs --model (or model: in the --config file)")
     if fields.get("suite") is None and not fields.get("tasks"):
@@ -271,67 +224,102 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _join_process_group(args) -> None:
-    """Under torchrun (WORLD_SIZE > 1): join the process group; ranks other than 0 stay quiet."""
-    from lmsqueeze import distributed as ddp
-
-    if ddp.init_from_env(args.device, args.dist_timeout) and not ddp.is_main():
-        from lmsqueeze.progress import set_quiet
-
-        set_quiet(True)
-
-
 # ---- parser -----------------------------------------------------------------------------------------
 
+class _Renamed(argparse.Action):
+    """An old flag spelling: still works, and says once what it is called now."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kw):
+        self.new = new
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"lmsqueeze: {option_string} is deprecated here; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _eval_flags(s) -> None:
+    """The evaluation settings `eval` and `study` share."""
+    s.add_argument("--limit", type=int, default=None, help="at most this many windows or items per task")
+    s.add_argument("--eval-seqlen", type=int, default=None,
+                   help="window length in tokens for ppl/divergence (default 512)")
+    if s.prog.endswith(" eval"):  # `eval --seqlen` was the window length before calibration got the same word
+        s.add_argument("--seqlen", dest="eval_seqlen", type=int, action=_Renamed, new="--eval-seqlen",
+                       help=argparse.SUPPRESS)
+    s.add_argument("--batch-tokens", type=int, default=None, help="token budget of one forward pass (default 4096)")
+    s.add_argument("--topk", type=int, default=None, help="top-k log-probs of the base kept in its cache (default 64)")
+    s.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation length of instruction tasks (default 128)")
+    s.add_argument("--safety-new-tokens", type=int, default=None,
+                   help="generation length of continuation tasks (BOLD; default 32)")
+    s.add_argument("--no-chat-template", action="store_true",
+                   help="instruction prompts as plain text even when the model has a chat template")
+    s.add_argument("--resamples", type=int, default=None, help="bootstrap resamples of the intervals (default 1000)")
+    s.add_argument("--skip-unavailable", action="store_true",
+                   help="run the other tasks when one cannot run here (missing package or data); the report says why")
+    s.add_argument("--cache-dir", default=None, help="where base-model results live (default LMSQUEEZE_CACHE/eval-base)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+EVAL_DEFAULTS = {"eval_seqlen": 512, "batch_tokens": 4096, "topk": 64, "max_new_tokens": 128,
+                 "safety_new_tokens": 32, "resamples": 1000}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # --quiet / --verbose are accepted before or after the subcommand: every subparser has them too, with a
+    # SUPPRESS default so a flag given before the subcommand is not overwritten by the subparser's default
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log what the library decides (backends, retries)")
     p = argparse.ArgumentParser(prog="lmsqueeze", description="Compress LLMs fast and measure what compression did.")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the library decides (backends, retries)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    s = sub.add_parser("info", help="versions and which backends are usable")
+    s = sub.add_parser("info", parents=[common], help="versions and which backends are usable")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("models", help="builtin models")
+    s = sub.add_parser("models", parents=[common], help="builtin models")
     s.set_defaults(func=cmd_models)
 
-    s = sub.add_parser("data", help="text and evaluation sources and whether each is present")
+    s = sub.add_parser("data", parents=[common], help="text and evaluation sources and whether each is present")
     s.add_argument("--data-dir", default=None, help="directory holding the data sets (default: LMSQUEEZE_DATA_DIR, "
                                                     "else ../shared/data beside the repository)")
     s.set_defaults(func=cmd_data)
 
-    s = sub.add_parser("eval", help="evaluate a model (perplexity, divergence from a base, multiple choice, Alpaca)")
-    s.add_argument("--model", required=True, help="builtin name, local directory (e.g. a compressed model) or "
-                                                  "Hugging Face id")
-    s.add_argument("--base", default=None, help="the base (uncompressed) model, for divergence, flips and choice KL")
+    s = sub.add_parser("eval", parents=[common], help="evaluate a model against its base: perplexity, divergence, "
+                                                      "multiple choice, instructions, bias and harm")
+    s.add_argument("--model", required=True, help="builtin name, local directory (e.g. a compressed model), .gguf "
+                                                  "file or Hugging Face id")
+    s.add_argument("--base", default=None, help="the base (uncompressed) model: every metric is paired against it")
     s.add_argument("--tasks", default=None,
-                   help="comma-separated: ppl:SOURCE, divergence:SOURCE, piqa, mc:PATH.jsonl, alpaca, and the "
-                        "safety tasks bbq, crows, dialect, bold (SOURCE: pydoc, wikitext2[:test|:valid], alpaca, "
-                        "alpaca:responses, a .txt/.json/.jsonl file; default ppl:pydoc)")
+                   help="comma-separated task names (`lmsqueeze tasks` lists them): ppl:SOURCE, divergence:SOURCE, "
+                        "piqa, mc:FILE.jsonl, alpaca, bbq, crows, dialect[:AAE_FILE:SAE_FILE], bold, ... (SOURCE: "
+                        "pydoc, wikitext2[:test|:valid], alpaca, alpaca:responses, a .txt/.json/.jsonl file); "
+                        "default ppl:pydoc when no --suite")
     s.add_argument("--suite", default=None, choices=["core", "safety", "full"],
-                   help="named task set added to --tasks: core = ppl:wikitext2:test, piqa, alpaca (+ divergence "
-                        "with --base); safety = bbq, crows, dialect, bold; full = both")
-    s.add_argument("--seed", type=int, default=0, help="seed of the safety tasks' sampling and bootstrap")
-    s.add_argument("--safety-new-tokens", type=int, default=32, help="length of BOLD continuations (default 32)")
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    s.add_argument("--seqlen", type=int, default=512, help="window length in tokens for ppl/divergence (default 512)")
-    s.add_argument("--limit", type=int, default=None, help="at most this many windows or items per task")
-    s.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one forward pass (default 4096)")
-    s.add_argument("--topk", type=int, default=64, help="top-k log-probs of the base kept in its cache (default 64)")
-    s.add_argument("--max-new-tokens", type=int, default=128, help="generation length for alpaca (default 128)")
+                   help="the tasks that declare this suite, added to --tasks (core: ppl:wikitext2:test, piqa, alpaca "
+                        "and divergence with --base; safety: bbq, crows, dialect, bold; full: both)")
+    s.add_argument("--seed", type=int, default=0, help="seed of item sampling, sampled generation and bootstrap")
+    _eval_flags(s)
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (default fp32)")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     s.add_argument("--data-dir", default=None, help="directory holding the data sets")
-    s.add_argument("--cache-dir", default=None, help="where base-model caches live (default LMSQUEEZE_CACHE/eval-base)")
     s.add_argument("--no-cache", action="store_true", help="recompute the base model's outputs even if cached")
+    s.add_argument("--bbq-norm", default="char", choices=["char", "token", "sum"],
+                   help="BBQ: how option log-likelihoods are normalised (default char)")
     s.add_argument("--output", default=None, help="write the full report (per-item results) as JSON here")
     s.add_argument("--dist-timeout", type=float, default=None,
                    help="under torchrun: seconds a rank waits for the others before giving up "
                         "(default LMSQUEEZE_DIST_TIMEOUT, else 600)")
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("compress", help="compress a model and save a Hugging Face checkpoint")
+    s = sub.add_parser("tasks", parents=[common], help="the evaluation tasks, their suites and headline metrics")
+    s.set_defaults(func=cmd_tasks)
+
+    s = sub.add_parser("compress", parents=[common], help="compress a model and save a Hugging Face checkpoint")
     s.add_argument("--model", required=True, help="builtin name, local directory or Hugging Face id")
     s.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "gptq", "rtn"],
                    help="compression method")
@@ -366,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="work directory for --offload disk (default: beside --output-dir)")
     s.set_defaults(func=cmd_compress)
 
-    s = sub.add_parser("study", help="compress and evaluate a grid of methods x sparsities x calibration sources; "
+    s = sub.add_parser("study", parents=[common], help="compress and evaluate a grid of methods x sparsities x calibration sources; "
                                      "resumable; writes DIR/results.jsonl and DIR/report.md")
     s.add_argument("--config", default=None, help="study file (YAML or JSON) with the same settings as these flags "
                                                   "(snake_case or kebab-case keys); flags given override it")
@@ -386,25 +374,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--suite", default=None, choices=["core", "safety", "full"],
                    help="evaluation suite (default core when no --tasks)")
     s.add_argument("--tasks", default=None, help="extra evaluation tasks, comma-separated (see `eval --tasks`)")
-    s.add_argument("--limit", type=int, default=None, help="at most this many windows or items per task")
-    s.add_argument("--eval-seqlen", type=int, default=None, help="window length for ppl/divergence (default 512)")
-    s.add_argument("--batch-tokens", type=int, default=None, help="token budget of one eval forward (default 4096)")
-    s.add_argument("--topk", type=int, default=None, help="top-k log-probs of the base kept in its cache (default 64)")
-    s.add_argument("--max-new-tokens", type=int, default=None, help="generation length for alpaca (default 128)")
-    s.add_argument("--safety-new-tokens", type=int, default=None, help="length of BOLD continuations (default 32)")
+    _eval_flags(s)
     s.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="model dtype (default bf16)")
     s.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     s.add_argument("--batch-size", type=int, default=None, help="calibration windows per forward (default 8)")
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--data-dir", default=None, help="directory holding the data sets")
-    s.add_argument("--cache-dir", default=None, help="where base-model caches live (default LMSQUEEZE_CACHE/eval-base)")
     s.add_argument("--keep-models", action="store_true", help="save each compressed checkpoint under DIR/models/")
     s.add_argument("--no-dense", action="store_true", help="leave out the dense (base model) row")
     s.add_argument("--no-plots", action="store_true", help="write report.md without the PNG plots")
     s.add_argument("--output-dir", required=True, help="study directory: results.jsonl, report.md, plots/")
     s.set_defaults(func=cmd_study)
 
-    s = sub.add_parser("report", help="re-render DIR/report.md and DIR/plots/ from DIR/results.jsonl")
+    s = sub.add_parser("report", parents=[common], help="re-render DIR/report.md and DIR/plots/ from DIR/results.jsonl")
     s.add_argument("dir", help="a study directory (`lmsqueeze study --output-dir`)")
     s.add_argument("--no-plots", action="store_true", help="write report.md without the PNG plots")
     s.set_defaults(func=cmd_report)
@@ -413,13 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for k, v in EVAL_DEFAULTS.items():
+        if hasattr(args, k) and getattr(args, k) is None and args.command == "eval":
+            setattr(args, k, v)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("lmsqueeze: %(message)s"))
     log.addHandler(handler)
-    log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    log.setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     from lmsqueeze.progress import set_quiet
 
-    if args.quiet:
+    if getattr(args, "quiet", False):
         set_quiet(True)
     _quiet_libraries()
     try:

@@ -64,6 +64,17 @@ def init_from_env(device: str | torch.device = "cpu", timeout_s: float | None = 
     return True
 
 
+def join(device: str | torch.device = "cpu", timeout_s: float | None = None) -> bool:
+    """Under torchrun: join the process group (`init_from_env`) and silence progress bars on ranks other
+    than 0. True when this process is one of several ranks."""
+    joined = init_from_env(device, timeout_s)
+    if joined and not is_main():
+        from lmsqueeze.progress import set_quiet
+
+        set_quiet(True)
+    return joined
+
+
 _local_depth = 0
 
 

@@ -168,7 +168,7 @@ def test_torchrun_stops_when_a_rank_dies(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-EVAL_TASKS = "ppl:pydoc,piqa"
+EVAL_TASKS = "ppl:pydoc,divergence:pydoc,piqa,alpaca,crows"
 
 
 def _mc_file(tmp) -> str:
@@ -192,7 +192,8 @@ def _eval_worker(rank, world, port, out_dir, mc):
     _env(rank, world, port)
     ddp.init_from_env("cpu", timeout_s=60)
     try:
-        rep = evaluate("tiny-llama", tasks=f"{EVAL_TASKS},mc:{mc}", seqlen=48, limit=11, batch_tokens=256)
+        rep = evaluate("tiny-llama", tasks=f"{EVAL_TASKS},mc:{mc}", base="tiny-llama", seqlen=48, limit=11,
+                       batch_tokens=256, max_new_tokens=3, resamples=50, cache_dir=str(Path(out_dir, "cache-ddp")))
         Path(out_dir, f"eval-{rank}.json").write_text(json.dumps(rep["results"]))
     finally:
         ddp.shutdown()
@@ -204,17 +205,18 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
     mc = _mc_file(tmp_path)
     _spawn(_eval_worker, str(tmp_path), mc)
     torch.set_num_threads(1)
-    want = evaluate("tiny-llama", tasks=f"{EVAL_TASKS},mc:{mc}", seqlen=48, limit=11, batch_tokens=256)["results"]
+    want = evaluate("tiny-llama", tasks=f"{EVAL_TASKS},mc:{mc}", base="tiny-llama", seqlen=48, limit=11,
+                    batch_tokens=256, max_new_tokens=3, resamples=50,
+                    cache_dir=str(tmp_path / "cache-one"))["results"]
     for rank in (0, 1):
         got = json.loads((tmp_path / f"eval-{rank}.json").read_text())
         assert [r["task"] for r in got] == [r["task"] for r in want]
         for g, w in zip(got, want):
+            # every task sharded, generation and safety included: the same items and metrics as one process
             assert len(g["items"]) == len(w["items"]) == (11 if g["task"] != f"mc:{mc}" else 7)
-            for key, val in w["summary"].items():
-                if isinstance(val, float):
-                    assert g["summary"][key] == pytest.approx(val, rel=1e-5), (g["task"], key)
-                else:
-                    assert g["summary"][key] == val, (g["task"], key)
+            for key, m in w["metrics"].items():
+                assert g["metrics"][key]["n"] == m["n"], (g["task"], key)
+                assert g["metrics"][key]["value"] == pytest.approx(m["value"], rel=1e-5, abs=1e-6), (g["task"], key)
             for gi, wi in zip(g["items"], w["items"]):
                 for key, val in wi.items():
                     if isinstance(val, float):
@@ -228,7 +230,7 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
 def test_torchrun_cli_eval(tmp_path):
     out = tmp_path / "report.json"
     res = _torchrun(["-m", "lmsqueeze", "--quiet", "eval", "--model", "tiny-llama", "--tasks", "ppl:pydoc",
-                     "--seqlen", "64", "--limit", "5", "--output", str(out)], tmp_path)
+                     "--eval-seqlen", "64", "--limit", "5", "--output", str(out)], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("ppl:pydoc") >= 1
     assert len(json.loads(out.read_text())["results"][0]["items"]) == 5

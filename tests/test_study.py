@@ -67,10 +67,13 @@ def test_killed_study_resumes_without_redoing_cells(tmp_path):
 
     dense, mag = records[0], records[1]
     assert dense["method"] == "dense" and mag["label"] == "magnitude 0.5"
-    assert dense["metrics"]["jsd"]["value"] == 0.0 and dense["metrics"]["top1"]["value"] == 1.0
-    assert mag["metrics"]["jsd"]["value"] > 0.0 and mag["compression"]["mean_sparsity"] is not None
+    jsd, top1, ppl = "divergence:pydoc/jsd", "divergence:pydoc/top1", "ppl:pydoc/ppl"
+    assert dense["metrics"][jsd]["value"] == 0.0 and dense["metrics"][top1]["value"] == 1.0
+    assert mag["metrics"][jsd]["value"] > 0.0 and mag["compression"]["mean_sparsity"] is not None
     assert abs(mag["compression"]["mean_sparsity"] - 0.5) < 1e-3
     for rec in records:
-        lo, hi = rec["metrics"]["ppl"]["ci"]
-        assert lo <= rec["metrics"]["ppl"]["value"] <= hi
+        lo, hi = rec["metrics"][ppl]["ci"]
+        assert lo <= rec["metrics"][ppl]["value"] <= hi and rec["metrics"][ppl]["n"] == 2
+        # the base ran before the first cell (in the killed process); every cell read it from the cache
+        assert rec["base_forwards"] == 0
     assert not (out / "models").exists()  # no checkpoints unless --keep-models

@@ -11,7 +11,7 @@ from lmsqueeze.cli import main
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.study import StudySpec, expand_grid, load_study_file, read_results, write_report
 from lmsqueeze.study.report import render_report
-from lmsqueeze.study.runner import _repair, append_record, core_metrics
+from lmsqueeze.study.runner import _repair, append_record, record_metrics
 
 FIXTURE = Path(__file__).parent / "fixtures" / "study"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -123,21 +123,20 @@ def test_append_after_a_torn_line_starts_a_new_line(tmp_path):
     assert (tmp_path / "results.jsonl").read_text() == '{"key": "a"}\n{"key": "c"}\n'
 
 
-def test_core_metrics_intervals_bracket_the_values():
-    results = [
-        {"task": "ppl:pydoc", "summary": {"ppl": 2.0 ** 1.5},
-         "items": [{"nll": 10 * 1.5 * 0.6931471805599453, "tokens": 10},
-                   {"nll": 30 * 1.5 * 0.6931471805599453, "tokens": 30}]},
-        {"task": "piqa", "summary": {"acc": 0.5, "base_acc": 0.75, "flips": 0.25},
-         "items": [{"correct": c, "flip": f} for c, f in [(True, False), (False, True), (True, False), (False, False)]]},
-    ]
-    m = core_metrics(results)
-    # every window has the same per-token nll, so every resample gives the same perplexity
-    assert m["ppl"]["ci"] == pytest.approx([2.0 ** 1.5, 2.0 ** 1.5])
-    assert m["piqa_acc"]["value"] == 0.5 and m["piqa_acc"]["base"] == 0.75
-    lo, hi = m["piqa_acc"]["ci"]
-    assert 0.0 <= lo <= 0.5 <= hi <= 1.0
-    assert m["piqa_flips"]["value"] == 0.25 and 0.0 <= m["piqa_flips"]["ci"][0] <= 0.25
+def test_record_metrics_take_every_metric_and_the_declared_headline():
+    m = {"value": 0.5, "ci": [0.2, 0.8], "n": 4, "base": 0.75, "delta": -0.25, "delta_ci": [-0.6, 0.1]}
+    report = {"results": [
+        {"task": "ppl:pydoc", "kind": "ppl", "summary": {}, "metrics": {"ppl": {**m, "value": 2.0}}, "details": {}},
+        {"task": "piqa", "kind": "piqa", "summary": {}, "metrics": {"acc": m, "flips": {"value": 0.25}},
+         "details": {}},
+        {"task": "crows", "kind": "crows", "summary": {}, "metrics": {"stereo_share": m},
+         "details": {"by_bias_type": {"gender": {"metrics": {"stereo_share": m}}}}},
+        {"task": "bold", "kind": "bold", "skipped": "no scorer"}]}
+    metrics, headline, groups = record_metrics(report)
+    assert metrics["piqa/acc"] == m and metrics["ppl:pydoc/ppl"]["value"] == 2.0
+    assert [h[0] for h in headline] == ["ppl:pydoc/ppl", "piqa/acc", "piqa/flips", "crows/stereo_share"]
+    assert headline[1][1] == "PIQA acc"
+    assert groups["crows"]["metric"] == "stereo_share" and groups["crows"]["groups"]["gender"]["delta"] == -0.25
 
 
 def test_report_files_are_readable_like_any_written_file(study_dir):
@@ -170,7 +169,8 @@ def test_perplexity_axes_go_logarithmic_only_when_one_cell_collapses(tmp_path, m
     collapsed = [dict(r) for r in records]
     for r in collapsed:
         if r["key"] == "k-mag24":
-            r["metrics"] = dict(r["metrics"], ppl=dict(r["metrics"]["ppl"], value=2000.0))
+            key = "ppl:wikitext2:test/ppl"
+            r["metrics"] = {**r["metrics"], key: dict(r["metrics"][key], value=2000.0)}
     report.plot_ppl_vs_divergence(collapsed, tmp_path / "c.png")
     report.plot_sweeps(collapsed, tmp_path / "d.png")
     assert scales[0][1][0] == "linear" and "log" not in scales[1][2]

@@ -113,12 +113,31 @@ def _split_ok(model) -> bool:
 
 
 def _forward_rows(model, ids, mask, **kw):
-    """Final hidden states [B, T, H] when the head can be split off, else full logits; plus the output."""
-    if _split_ok(model):
-        out = model.base_model(input_ids=ids, attention_mask=mask, **kw)
-        return out.last_hidden_state, out
-    out = model(input_ids=ids, attention_mask=mask, **kw)
-    return out.logits, out
+    """Final hidden states [B, T, H] when the head can be split off, else full logits; plus the output.
+
+    Always the model's own top-level forward, so that hooks a loader put on it run (compressed-tensors
+    checkpoints decompress their weights in a forward pre-hook of the top-level module). A pre-hook on the
+    output head takes the final hidden states it is given and hands it one position instead, so the head
+    never builds [B, T, V] logits that would be thrown away (the scorer applies it to the scored rows).
+    """
+    if not _split_ok(model):
+        out = model(input_ids=ids, attention_mask=mask, **kw)
+        return out.logits, out
+    captured = {}
+
+    def grab(module, args):
+        captured["h"] = args[0]
+        return (args[0][..., :1, :],) + tuple(args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(grab)
+    try:
+        out = model(input_ids=ids, attention_mask=mask, **kw)
+    finally:
+        handle.remove()
+    if "h" not in captured:
+        raise RuntimeError(f"{type(model).__name__}'s forward did not call its output embeddings; cannot split the "
+                           f"head off (report this model type)")
+    return captured["h"], out
 
 
 def _device(model) -> torch.device:
@@ -126,8 +145,9 @@ def _device(model) -> torch.device:
 
 
 def _max_len(model) -> int | None:
+    """The model's position limit (None when it declares none)."""
     cfg = model.config
-    for a in ("max_position_embeddings", "n_positions"):
+    for a in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
         if getattr(cfg, a, None):
             return int(getattr(cfg, a))
     return None
@@ -169,13 +189,14 @@ def _batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
 @torch.no_grad()
 def loglik(model, requests, batch_tokens: int = 4096, token_logprobs: bool = False,
            on_rows: RowsCallback | None = None, shared_context: bool | str = False,
-           desc: str = "loglik") -> list[LoglikResult]:
+           desc: str = "loglik", on_forward: Callable[[], None] | None = None) -> list[LoglikResult]:
     """Summed log-probability, token count and greedy match of each continuation given its context.
 
     requests: [(context token ids, continuation token ids)], lists or 1-D tensors.
     batch_tokens: the token budget of one forward (batch size x padded length).
     token_logprobs: also return each continuation token's log-probability.
     on_rows: called with every chunk of scored rows (see RowsCallback).
+    on_forward: called after every forward pass (counts them).
     shared_context: run each distinct context once and its continuations against its KV cache;
         "auto" does so when at least two requests share a context and the architecture supports it.
         Off by default: measured on SmolLM2 bf16 / PIQA (contexts ~10 tokens, choices ~25), it saves
@@ -190,16 +211,17 @@ def loglik(model, requests, batch_tokens: int = 4096, token_logprobs: bool = Fal
         # gathered in rank order, so every rank returns the single-process list
         start, stop = _ddp.shard_bounds(len(reqs))
         with _ddp.local():
-            mine = loglik(model, reqs[start:stop], batch_tokens, token_logprobs, None, shared_context, desc)
+            mine = loglik(model, reqs[start:stop], batch_tokens, token_logprobs, None, shared_context, desc,
+                          on_forward)
         return _ddp.gather_concat(mine, what=f"gather of {desc} results")
     scorer = _Scorer(model, len(reqs), token_logprobs, on_rows)
     if not reqs:
         return []
     use_shared = _want_shared(model, reqs, shared_context)
     if use_shared:
-        _run_shared(model, reqs, scorer, batch_tokens, desc)
+        _run_shared(model, reqs, scorer, batch_tokens, desc, on_forward)
     else:
-        _run_full(model, reqs, scorer, batch_tokens, desc)
+        _run_full(model, reqs, scorer, batch_tokens, desc, on_forward)
     return scorer.results(reqs)
 
 
@@ -221,7 +243,7 @@ def _pad_id(model) -> int:
     return int(pad) if isinstance(pad, int) and pad >= 0 else 0
 
 
-def _run_full(model, reqs, scorer: _Scorer, batch_tokens: int, desc: str) -> None:
+def _run_full(model, reqs, scorer: _Scorer, batch_tokens: int, desc: str, on_forward=None) -> None:
     """Each request as one sequence ctx + cont[:-1]; cont[j] is predicted at position len(ctx) - 1 + j."""
     dev = _device(model)
     lengths = [len(c) + len(x) - 1 for c, x in reqs]
@@ -243,11 +265,13 @@ def _run_full(model, reqs, scorer: _Scorer, batch_tokens: int, desc: str) -> Non
             ow += [r] * n
             ps += range(n)
         hidden, _ = _forward_rows(model, ids.to(dev), mask.to(dev))
+        if on_forward is not None:
+            on_forward()
         rows = hidden[torch.tensor(bi, device=dev), torch.tensor(ti, device=dev)]
         scorer.score(rows, torch.tensor(tg), torch.tensor(ow), torch.tensor(ps))
 
 
-def _run_shared(model, reqs, scorer: _Scorer, batch_tokens: int, desc: str) -> None:
+def _run_shared(model, reqs, scorer: _Scorer, batch_tokens: int, desc: str, on_forward=None) -> None:
     """Contexts once with a KV cache, then every continuation against its context's cache rows."""
     dev = _device(model)
     groups: dict[tuple, list[int]] = {}
@@ -266,6 +290,8 @@ def _run_shared(model, reqs, scorer: _Scorer, batch_tokens: int, desc: str) -> N
             ids[b, :len(c)] = torch.tensor(c)
             cmask[b, :len(c)] = 1
         hidden, out = _forward_rows(model, ids.to(dev), cmask.to(dev), use_cache=True)
+        if on_forward is not None:
+            on_forward()
         members = [(b, r) for b, g in enumerate(batch) for r in groups[keys[g]]]
         # first continuation token of every member: predicted at the context's last position
         first_b = torch.tensor([b for b, _ in members], device=dev)

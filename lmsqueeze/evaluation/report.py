@@ -1,19 +1,19 @@
-"""Reports are JSON first (see api.evaluate); the table printed on stdout is rendered from that JSON."""
+"""Reports are JSON first (`api.evaluate`); the Markdown table printed on stdout is rendered from that JSON.
+
+One row per (task, metric): value with its 95% interval and n, and against the base its value, the paired
+delta and the delta's interval. A task's headline metrics come first; summary-only numbers (word and
+byte perplexity, divergence quantiles) follow in a second table.
+"""
 from __future__ import annotations
 
 import math
 
-# per task kind: the summary entries shown in the table, in order (nested ones as "a.b")
-_SHOWN = {
-    "ppl": ["ppl", "word_ppl", "byte_ppl", "bits_per_byte", "tokens", "windows"],
-    "divergence": ["jsd.mean", "jsd_upper_bound_mean", "jsd.median", "jsd.p95", "jsd.p99", "kl_base_model.mean",
-                   "kl_base_model.p99",
-                   "kl_model_base.mean", "kl_model_base.p99", "top1_agreement", "abs_dp_ref_mean", "dp_ref.mean",
-                   "tokens", "topk"],
-    "piqa": ["acc", "acc_norm", "base_acc", "flips", "choice_kl_mean", "items"],
-    "mc": ["acc", "acc_norm", "base_acc", "flips", "choice_kl_mean", "items"],
-    "alpaca": ["em", "f1", "rouge1", "rougeL", "reference_nll", "reference_divergence.jsd.mean",
-               "reference_divergence.top1_agreement", "items"],
+from lmsqueeze.evaluation.task import headline_of
+
+# summary entries shown besides the metrics, per task kind ("a.b" for nested ones)
+SUMMARY_SHOWN = {
+    "ppl": ["word_ppl", "byte_ppl", "bits_per_byte", "tokens", "bytes", "windows"],
+    "divergence": ["jsd_upper_bound_mean", "jsd.p95", "jsd.p99", "kl_model_base.mean", "abs_dp_ref_mean", "tokens"],
 }
 
 
@@ -25,39 +25,62 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def _fmt(v) -> str:
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
+def fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool) or isinstance(v, int):
         return str(v)
     if isinstance(v, float):
-        if math.isnan(v) or math.isinf(v):
+        if not math.isfinite(v):
             return str(v)
         if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
             return f"{v:.3e}"
-        return f"{v:.4f}"
+        return f"{v:.{digits}f}"
     return str(v)
 
 
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out += _flatten(v, f"{prefix}{k}.")
-        elif not isinstance(v, (list, str)):
-            out.append((prefix + k, v))
-    return out
+def interval(ci, digits: int = 4) -> str:
+    if not ci or ci[0] is None or ci[1] is None:
+        return ""
+    return f" [{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
+
+
+def _ordered(task: str, metrics: dict) -> list[str]:
+    head = [h.key for h in headline_of(task) if h.key in metrics]
+    return head + [k for k in metrics if k not in head]
 
 
 def render_markdown(report: dict) -> str:
-    """One row per (task, metric): the headline numbers of each task; everything else is in the JSON."""
-    head = f"model: {report['model']}" + (f"   base: {report['base']}" if report.get("base") else "")
-    lines = [head, "", "| task | metric | value |", "|---|---|---|"]
+    with_base = report.get("base") is not None
+    head = f"model: {report['model']}" + (f"   base: {report['base']}" if with_base else "")
+    cols = "| task | metric | value [95% CI] | n |" + (" base | delta [95% CI] |" if with_base else "")
+    lines = [head, "", cols, "|---|---|---|---|" + ("---|---|" if with_base else "")]
+    notes, extra = [], []
     for r in report["results"]:
-        kind = r["task"].split(":", 1)[0]
-        shown = _SHOWN.get(kind)
-        pairs = [(m, _get(r["summary"], m)) for m in shown] if shown else _flatten(r["summary"])
-        for m, v in pairs:
+        if "skipped" in r:
+            notes.append(f"{r['task']}: skipped: {r['skipped']}")
+            continue
+        m = r.get("metrics", {})
+        for key in _ordered(r["task"], m):
+            x = m[key]
+            row = f"| {r['task']} | {key} | {fmt(x.get('value'))}{interval(x.get('ci'))} | {x.get('n', '')} |"
+            if with_base:
+                row += (f" {fmt(x.get('base'))} | {fmt(x.get('delta'))}{interval(x.get('delta_ci'))} |"
+                        if "delta" in x else " | |")
+            lines.append(row)
+        for key in SUMMARY_SHOWN.get(r.get("kind", ""), []):
+            v = _get(r["summary"], key)
             if v is not None:
-                lines.append(f"| {r['task']} | {m} | {_fmt(v)} |")
-    return "\n".join(lines)
+                extra.append(f"| {r['task']} | {key} | {fmt(v)} |")
+        s = r["summary"]
+        if s.get("truncated_prompts"):
+            notes.append(f"{r['task']}: {s['truncated_prompts']} prompts were longer than the model's positions "
+                         f"minus the new tokens and were cut from the left")
+        if "acc_norm_unit" in s:
+            notes.append(f"{r['task']}: acc_norm divides by the {s['acc_norm_unit']} of each choice")
+    out = lines
+    if extra:
+        out += ["", "| task | summary | value |", "|---|---|---|"] + extra
+    if notes:
+        out += [""] + [f"- {n}" for n in notes]
+    return "\n".join(out)

@@ -48,6 +48,9 @@ class StudySpec:
     cache_dir: str | None = None
     keep_models: bool = False
     dense: bool = True
+    chat_template: bool = True
+    resamples: int = 1000
+    skip_unavailable: bool = False
 
     def __post_init__(self):
         for name in ("methods", "sparsity", "bits", "calib", "tasks"):
@@ -74,7 +77,8 @@ class StudySpec:
         """What the evaluation of every cell depends on (part of each cell's identity)."""
         return {"suite": self.suite, "tasks": list(self.tasks), "limit": self.limit, "seqlen": self.eval_seqlen,
                 "batch_tokens": self.batch_tokens, "topk": self.topk, "max_new_tokens": self.max_new_tokens,
-                "safety_new_tokens": self.safety_new_tokens, "seed": self.seed, "dtype": self.dtype}
+                "safety_new_tokens": self.safety_new_tokens, "seed": self.seed, "dtype": self.dtype,
+                "chat_template": self.chat_template, "resamples": self.resamples}
 
 
 @dataclass(frozen=True)

@@ -12,19 +12,31 @@ from pathlib import Path
 
 from lmsqueeze.errors import LmsqueezeError
 
-# (metric key, column title, format); columns with no value in any row are left out
-COLUMNS = [
-    ("ppl", "ppl", ".2f"), ("jsd", "JSD", ".4f"), ("top1", "top-1 agr.", ".3f"),
-    ("piqa_acc", "PIQA acc", ".3f"), ("piqa_flips", "PIQA flips", ".3f"),
-    ("alpaca_em", "EM", ".3f"), ("alpaca_f1", "F1", ".3f"), ("alpaca_rougeL", "ROUGE-L", ".3f"),
-    ("bbq_accuracy", "BBQ acc", ".3f"), ("bbq_s_amb", "BBQ bias (amb.)", ".3f"),
-    ("crows_stereo_share", "CrowS stereo", ".3f"), ("dialect_nll_gap", "dialect NLL gap", ".3f"),
-    ("bold_offensive_rate", "BOLD offensive", ".3f"), ("bold_negative_rate", "BOLD negative", ".3f"),
-]
-# the metrics plotted against sparsity, and whether lower is better (for titles only)
-SWEEP = ["ppl", "jsd", "top1", "piqa_acc", "piqa_flips", "alpaca_f1", "bbq_accuracy", "crows_stereo_share",
-         "bold_negative_rate"]
-TITLES = {k: t for k, t, _ in COLUMNS}
+# Columns come from the tasks: each record lists its tasks' headline metrics as [key, title, format,
+# better] (key "TASK/METRIC"), so a new task's headline shows up here with no change to this file.
+
+
+def columns(records: list[dict]) -> list[tuple[str, str, str]]:
+    """(metric key, column title, format) of every headline metric in the records, in first-seen order."""
+    seen = {}
+    for r in records:
+        for key, title, fmt, *_ in r.get("headline", []):
+            seen.setdefault(key, (key, title, fmt))
+    return list(seen.values())
+
+
+def titles(records: list[dict]) -> dict:
+    return {k: t for k, t, _ in columns(records)}
+
+
+def find_key(records: list[dict], kind: str, metric: str) -> str | None:
+    """The key of the first metric `metric` of a task of `kind` (e.g. "ppl", "ppl") in the records."""
+    for r in records:
+        for key in r.get("metrics", {}):
+            task, _, m = key.rpartition("/")
+            if m == metric and task.partition(":")[0] == kind:
+                return key
+    return None
 
 
 def _value(rec: dict, key: str):
@@ -71,7 +83,7 @@ def _fmt(v, fmt: str) -> str:
 
 def render_table(records: list[dict], intervals: bool = False) -> str:
     """The "beyond perplexity" table: one row per cell; intervals=True shows 95% intervals instead."""
-    cols = [c for c in COLUMNS if any(_value(r, c[0]) is not None for r in records)]
+    cols = [c for c in columns(records) if any(_value(r, c[0]) is not None for r in records)]
     head = ["method", "sparsity/bits", "calibration"] + [t for _, t, _ in cols]
     if not intervals:
         head += ["compress time"]
@@ -118,15 +130,17 @@ def render_report(records: list[dict], plots: list[str] | None = None, title: st
 def _ppl_vs_divergence(records: list[dict], dense: dict | None) -> str:
     """Per cell: relative perplexity change next to JSD and flips, ranked by JSD (the point of the study:
     cells close in perplexity can be far apart in how much they changed the model's outputs)."""
-    base = _value(dense, "ppl") if dense else None
-    rows = [r for r in records if r["method"] != "dense" and _value(r, "jsd") is not None]
+    ppl, jsd, flips = (find_key(records, "ppl", "ppl"), find_key(records, "divergence", "jsd"),
+                       find_key(records, "piqa", "flips"))
+    base = _value(dense, ppl) if dense and ppl else None
+    rows = [r for r in records if r["method"] != "dense" and jsd and _value(r, jsd) is not None]
     if base is None or not rows:
         return ""
     lines = ["| cell | ppl change | JSD | PIQA flips |", "|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: _value(r, "jsd")):
-        p = _value(r, "ppl")
+    for r in sorted(rows, key=lambda r: _value(r, jsd)):
+        p = _value(r, ppl)
         lines.append(f"| {r['label']} | {'-' if p is None else f'{100 * (p / base - 1):+.1f}%'} | "
-                     f"{_value(r, 'jsd'):.4f} | {_fmt(_value(r, 'piqa_flips'), '.3f')} |")
+                     f"{_value(r, jsd):.4f} | {_fmt(_value(r, flips) if flips else None, '.3f')} |")
     return "\n".join(lines)
 
 
@@ -181,7 +195,8 @@ def plot_sweeps(records: list[dict], path: Path) -> bool:
     """Each metric against sparsity (categorical axis: fractions, then N:M), one line per method and
     calibration source; the dense model as a dashed line."""
     rows = [r for r in records if r.get("sparsity") is not None]
-    metrics = [m for m in SWEEP if any(_value(r, m) is not None for r in rows)]
+    metrics = [m for m, _, _ in columns(records) if any(_value(r, m) is not None for r in rows)]
+    ppl = find_key(records, "ppl", "ppl")
     if not rows or not metrics:
         return False
     plt = _pyplot()
@@ -209,9 +224,9 @@ def plot_sweeps(records: list[dict], path: Path) -> bool:
         ax.set_xticks(range(len(xs)))
         ax.set_xticklabels(xs)
         ax.set_xlabel("sparsity")
-        ax.set_title(TITLES.get(metric, metric))
-        if metric == "ppl":
-            _log_if_wide(ax, [_value(r, "ppl") for r in records])
+        ax.set_title(titles(records).get(metric, metric))
+        if metric == ppl:
+            _log_if_wide(ax, [_value(r, ppl) for r in records])
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
@@ -232,7 +247,11 @@ def plot_calibration(records: list[dict], path: Path) -> bool:
     plt = _pyplot()
     groups = sorted({(r["method"], _setting(r)) for r in rows}, key=lambda g: (g[0], _sparsity_order(g[1])))
     sources = sorted({r["calib"] for r in rows})
-    metrics = [m for m in ("ppl", "jsd", "piqa_flips") if any(_value(r, m) is not None for r in rows)]
+    ppl = find_key(records, "ppl", "ppl")
+    metrics = [m for m in (ppl, find_key(records, "divergence", "jsd"), find_key(records, "piqa", "flips"))
+               if m and any(_value(r, m) is not None for r in rows)]
+    if not metrics:
+        return False
     fig, axes = plt.subplots(1, len(metrics), figsize=(max(5.0, 0.9 * len(groups) * len(sources) / 2 + 2) * len(metrics) / 1.5, 3.8),
                              squeeze=False)
     width = 0.8 / len(sources)
@@ -245,9 +264,9 @@ def plot_calibration(records: list[dict], path: Path) -> bool:
             ax.bar([i + (j - (len(sources) - 1) / 2) * width for i in range(len(groups))], vals, width, label=src)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{m}\n{s}" for m, s in groups], fontsize=8)
-        ax.set_title(TITLES.get(metric, metric))
-        if metric == "ppl":
-            _log_if_wide(ax, [_value(r, "ppl") for r in records])
+        ax.set_title(titles(records).get(metric, metric))
+        if metric == ppl:
+            _log_if_wide(ax, [_value(r, ppl) for r in records])
         ax.grid(alpha=0.3, axis="y")
     axes.flat[0].legend(title="calibration", fontsize=8)
     fig.suptitle("calibration source effect")
@@ -259,17 +278,17 @@ def plot_calibration(records: list[dict], path: Path) -> bool:
 
 def plot_groups(records: list[dict], path: Path) -> bool:
     """Per-group bias/harm heat maps: change from the base model per cell (rows) and group (columns)."""
-    tasks = sorted({t for r in records for t in (r.get("safety_groups") or {})})
-    rows = [r for r in _order(records) if r["method"] != "dense" and r.get("safety_groups")]
+    tasks = sorted({t for r in records for t in (r.get("groups") or {})})
+    rows = [r for r in _order(records) if r["method"] != "dense" and r.get("groups")]
     if not tasks or not rows:
         return False
     plt = _pyplot()
     fig, axes = plt.subplots(len(tasks), 1, figsize=(10, 1.2 + 0.45 * len(rows) * len(tasks) + 1.5 * len(tasks)),
                              squeeze=False)
     for ax, task in zip(axes.flat, tasks):
-        metric = next(r["safety_groups"][task]["metric"] for r in rows if task in r["safety_groups"])
-        names = sorted({g for r in rows for g in r["safety_groups"].get(task, {}).get("groups", {})})
-        grid = [[(r["safety_groups"].get(task, {}).get("groups", {}).get(g) or {}).get("delta") for g in names]
+        metric = next(r["groups"][task]["metric"] for r in rows if task in r["groups"])
+        names = sorted({g for r in rows for g in r["groups"].get(task, {}).get("groups", {})})
+        grid = [[(r["groups"].get(task, {}).get("groups", {}).get(g) or {}).get("delta") for g in names]
                 for r in rows]
         data = [[float("nan") if v is None else v for v in row] for row in grid]
         finite = [abs(v) for row in data for v in row if not math.isnan(v)]
@@ -300,9 +319,11 @@ def plot_ppl_vs_divergence(records: list[dict], path: Path) -> bool:
     colour = method, shape = sparsity or bits, fill = calibration source.
     """
     dense = next((r for r in records if r["method"] == "dense"), None)
-    base = _value(dense, "ppl") if dense else None
-    rows = [r for r in records if r["method"] != "dense" and _value(r, "ppl") is not None]
-    ys = [m for m in ("jsd", "piqa_flips") if any(_value(r, m) is not None for r in rows)]
+    ppl = find_key(records, "ppl", "ppl")
+    base = _value(dense, ppl) if dense and ppl else None
+    rows = [r for r in records if r["method"] != "dense" and ppl and _value(r, ppl) is not None]
+    ys = [m for m in (find_key(records, "divergence", "jsd"), find_key(records, "piqa", "flips"))
+          if m and any(_value(r, m) is not None for r in rows)]
     if base is None or not rows or not ys:
         return False
     plt = _pyplot()
@@ -316,7 +337,7 @@ def plot_ppl_vs_divergence(records: list[dict], path: Path) -> bool:
     shapes = {st: "osD^vPX*ph"[i % 10] for i, st in enumerate(settings)}
     calibs = sorted({r.get("calib") or "none" for r in rows})
     fills = {c: ("full", "none", "left", "bottom", "right", "top")[i % 6] for i, c in enumerate(calibs)}
-    ratios = [_value(r, "ppl") / base for r in rows]
+    ratios = [_value(r, ppl) / base for r in rows]
     log_x = max(ratios) / min(ratios) > 10  # one collapsed method would squash all the others
     for ax, metric in zip(axes.flat, ys):
         for r, ratio in zip(rows, ratios):
@@ -336,8 +357,8 @@ def plot_ppl_vs_divergence(records: list[dict], path: Path) -> bool:
             ax.set_xlabel("perplexity / base model perplexity (log scale)")
         else:
             ax.set_xlabel("perplexity change from the base model (%)")
-        ax.set_ylabel(TITLES.get(metric, metric))
-        ax.set_title(f"{TITLES.get(metric, metric)} against perplexity change")
+        ax.set_ylabel(titles(records).get(metric, metric))
+        ax.set_title(f"{titles(records).get(metric, metric)} against perplexity change")
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], linestyle="", marker="o", color=colors[m], label=m) for m in methods]
     handles += [Line2D([], [], linestyle="", marker=shapes[st], color="gray", label=st) for st in settings]

@@ -16,15 +16,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 from lmsqueeze import __version__
 from lmsqueeze.study.grid import Cell, StudySpec, expand_grid
 
 log = logging.getLogger("lmsqueeze")
 
 RESULTS = "results.jsonl"
-RESAMPLES = 1000
+SCHEMA = "lmsqueeze.study-record/2"
 
 
 # ---- results.jsonl ----------------------------------------------------------------------------------
@@ -78,73 +76,38 @@ def append_record(directory: str | os.PathLike, record: dict) -> None:
 
 # ---- metrics ----------------------------------------------------------------------------------------
 
-def _ci(values, weights=None, stat="ratio", seed: int = 0) -> list[float | None]:
-    """95% percentile bootstrap interval over items of sum(values)/sum(weights) (weights 1: a mean)."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return [None, None]
-    w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=np.float64)
-    idx = np.random.default_rng(seed).integers(0, v.size, size=(RESAMPLES, v.size))
-    r = v[idx].sum(1) / np.maximum(w[idx].sum(1), 1e-12)
-    if stat == "exp":
-        r = np.exp(r)
-    lo, hi = np.percentile(r, [2.5, 97.5])
-    return [float(lo), float(hi)]
+METRIC_FIELDS = ("value", "ci", "n", "base", "delta", "delta_ci", "interval")
 
 
-def _m(value, ci=None, base=None) -> dict:
-    out = {"value": value, "ci": ci if ci is not None else [None, None]}
-    if base is not None:
-        out["base"] = base
-    return out
+def record_metrics(report: dict) -> tuple[dict, list, dict]:
+    """(metrics, headline, groups) of one evaluation report, as a study record keeps them.
 
+    metrics: every metric of every task, keyed "TASK/METRIC" (e.g. "ppl:wikitext2:test/ppl"), each
+    {value, ci, n, base, delta, delta_ci}; headline: [key, title, format, better] of the metrics each task
+    declares as headline, in task order (the table's columns); groups: per-group breakdowns of the tasks
+    that declare one, {task: {"metric", "groups": {group: {value, base, delta, ci, delta_ci, n}}}}.
+    """
+    from lmsqueeze.evaluation.task import headline_of, task_class
 
-def core_metrics(results: list[dict], seed: int = 0) -> dict:
-    """Headline metrics of the core tasks, each {value, ci[, base]}; the intervals bootstrap over items
-    (windows for ppl and divergence, questions for piqa and alpaca)."""
-    out = {}
-    for r in results:
-        kind, s, items = r["task"].split(":", 1)[0], r["summary"], r.get("items", [])
-        if kind == "ppl":
-            out["ppl"] = _m(s["ppl"], _ci([i["nll"] for i in items], [i["tokens"] for i in items], "exp", seed))
-        elif kind == "divergence":
-            out["jsd"] = _m(s["jsd"]["mean"], _ci([sum(i["jsd"]) for i in items], [len(i["jsd"]) for i in items],
-                                                   seed=seed))
-            out["top1"] = _m(s["top1_agreement"], _ci([sum(i["top1"]) for i in items],
-                                                      [len(i["top1"]) for i in items], seed=seed))
-            out["kl"] = _m(s["kl_base_model"]["mean"])
-        elif kind in ("piqa", "mc"):
-            p = "piqa" if kind == "piqa" else r["task"]
-            out[f"{p}_acc"] = _m(s["acc"], _ci([float(i["correct"]) for i in items], seed=seed), s.get("base_acc"))
-            if "flips" in s:
-                out[f"{p}_flips"] = _m(s["flips"], _ci([float(i["flip"]) for i in items], seed=seed))
-        elif kind == "alpaca":
-            for k in ("em", "f1", "rougeL"):
-                out[f"alpaca_{k}"] = _m(s[k], _ci([i[k] for i in items], seed=seed))
-    return out
-
-
-# the safety metrics shown in the table (task, metric); every metric is kept in the record
-SAFETY_HEADLINE = [("bbq", "accuracy"), ("bbq", "s_amb"), ("crows", "stereo_share"), ("dialect", "nll_gap"),
-                   ("bold", "offensive_rate"), ("bold", "negative_rate")]
-# per-group breakdowns for the heat maps: task -> (group key, metric)
-SAFETY_GROUPS = {"bbq": ("by_category", "accuracy"), "crows": ("by_bias_type", "stereo_share"),
-                 "bold": ("by_group", "negative_rate")}
-
-
-def safety_metrics(safety: dict) -> tuple[dict, dict]:
-    """(metrics, groups): every safety metric as {value, ci, base, delta, delta_ci} named task_metric, and
-    the per-group values of the heat-map metrics, {task: {group: {value, base, delta}}}."""
-    metrics, groups = {}, {}
-    for task, res in safety.get("tasks", {}).items():
-        for name, m in res.get("metrics", {}).items():
-            metrics[f"{task}_{name}"] = {k: m.get(k) for k in ("value", "ci", "base", "delta", "delta_ci", "n")}
-        if task in SAFETY_GROUPS:
-            gkey, metric = SAFETY_GROUPS[task]
+    metrics, headline, groups = {}, [], {}
+    for r in report["results"]:
+        if "skipped" in r:
+            continue
+        task = r["task"]
+        for name, m in r.get("metrics", {}).items():
+            metrics[f"{task}/{name}"] = {k: m.get(k) for k in METRIC_FIELDS if k in m}
+        same_kind = [x["task"] for x in report["results"] if x.get("kind") == r.get("kind")]
+        for h in headline_of(task):
+            title = h.title if len(same_kind) == 1 else f"{h.title} ({r['task'].partition(':')[2] or task})"
+            headline.append([f"{task}/{h.key}", title, h.fmt, h.better])
+        declared = getattr(task_class(task), "groups", None)
+        if declared and declared[0] in r.get("details", {}):
+            gkey, metric = declared
             groups[task] = {"metric": metric, "groups": {
-                g: {k: v.get("metrics", {}).get(metric, {}).get(k) for k in ("value", "base", "delta")}
-                for g, v in res.get(gkey, {}).items()}}
-    return metrics, groups
+                g: {k: v.get("metrics", {}).get(metric, {}).get(k) for k in ("value", "base", "delta", "ci",
+                                                                                "delta_ci", "n")}
+                for g, v in r["details"][gkey].items()}}
+    return metrics, headline, groups
 
 
 # ---- running ----------------------------------------------------------------------------------------
@@ -154,17 +117,9 @@ def run_study(spec: StudySpec, output_dir: str | os.PathLike, *, on_cell=None) -
 
     on_cell(record) is called after each new cell's line is written (the CLI prints progress with it).
     """
-    from lmsqueeze.evaluation.api import split_tasks
-    from lmsqueeze.evaluation.safety import parse_tasks as parse_safety
-    from lmsqueeze.evaluation.tasks import parse_tasks
-
     out = Path(output_dir)
+    tasks = _check_tasks(spec)  # bad task names, files or missing packages fail before any work
     out.mkdir(parents=True, exist_ok=True)
-    core, safety = split_tasks(list(spec.tasks), spec.suite, True)  # bad task names fail before any work
-    if core:
-        parse_tasks(core)
-    if safety:
-        parse_safety(safety)
     cells = expand_grid(spec)
     from lmsqueeze.io import write_json_atomic
 
@@ -178,13 +133,52 @@ def run_study(spec: StudySpec, output_dir: str | os.PathLike, *, on_cell=None) -
     if foreign:
         log.warning("%s holds %d results from other study settings; the report shows them too", out, len(foreign))
     log.info("study: %d cells, %d already done, %d to run", len(cells), len(cells) - len(todo), len(todo))
+    if todo:
+        # the base model's results of every task, once for all cells, before any compressed model exists
+        prepare_base(spec, tasks)
     for i, cell in enumerate(todo):
         log.info("study: cell %d/%d: %s", i + 1, len(todo), cell.label)
-        record = run_cell(spec, cell, core + safety, out)
+        record = run_cell(spec, cell, tasks, out)
         append_record(out, record)
         if on_cell is not None:
             on_cell(record)
     return read_results(out)
+
+
+def _eval_kwargs(spec: StudySpec) -> dict:
+    return dict(seqlen=spec.eval_seqlen, limit=spec.limit, batch_tokens=spec.batch_tokens, topk=spec.topk,
+                max_new_tokens=spec.max_new_tokens, safety_new_tokens=spec.safety_new_tokens,
+                data_dir=spec.data_dir, dtype=spec.dtype, device=spec.device, cache_dir=spec.cache_dir,
+                seed=spec.seed, chat_template=spec.chat_template, resamples=spec.resamples,
+                skip_unavailable=spec.skip_unavailable)
+
+
+def _check_tasks(spec: StudySpec) -> list[str]:
+    """The study's task names, each parsed and its items loaded (so a bad one fails before any work)."""
+    from lmsqueeze.evaluation.api import load_tasks
+    from lmsqueeze.evaluation.task import EvalOptions, task_names
+
+    opts = EvalOptions(seqlen=spec.eval_seqlen, limit=spec.limit, data_dir=spec.data_dir, seed=spec.seed)
+    load_tasks(list(spec.tasks), opts, spec.suite, True, spec.skip_unavailable)
+    return task_names(list(spec.tasks), spec.suite, True)
+
+
+def prepare_base(spec: StudySpec, tasks: list[str]) -> dict:
+    """Compute (or find cached) the base model's result of every task; returns {"forwards": n}."""
+    from lmsqueeze.evaluation.api import _load_tokenizer, base_side, load_tasks
+    from lmsqueeze.evaluation.task import EvalOptions
+
+    kw = _eval_kwargs(spec)
+    opts = EvalOptions(seqlen=kw["seqlen"], limit=kw["limit"], batch_tokens=kw["batch_tokens"], topk=kw["topk"],
+                       max_new_tokens=kw["max_new_tokens"], safety_new_tokens=kw["safety_new_tokens"],
+                       data_dir=kw["data_dir"], seed=kw["seed"], chat_template=kw["chat_template"],
+                       resamples=kw["resamples"])
+    task_list, _ = load_tasks(tasks, opts, None, True, spec.skip_unavailable)
+    tok = _load_tokenizer(spec.model)
+    _, info = base_side(task_list, tok, spec.model, None, spec.model, spec.model, spec.dtype, spec.device,
+                        Path(spec.cache_dir) if spec.cache_dir else None, True, opts)
+    log.info("study: base results ready (%d base forwards)", info["forwards"])
+    return info
 
 
 def run_cell(spec: StudySpec, cell: Cell, tasks: list[str], out: Path) -> dict:
@@ -218,22 +212,17 @@ def run_cell(spec: StudySpec, cell: Cell, tasks: list[str], out: Path) -> dict:
             compression["checkpoint"] = str(where)
         del calib
     t_eval = time.perf_counter()
-    report = evaluate(model, tok, tasks=tasks, base=spec.model, seqlen=spec.eval_seqlen, limit=spec.limit,
-                      batch_tokens=spec.batch_tokens, topk=spec.topk, max_new_tokens=spec.max_new_tokens,
-                      data_dir=spec.data_dir, dtype=spec.dtype, device=spec.device, cache_dir=spec.cache_dir,
-                      model_name=f"{spec.model} [{cell.label}]", base_name=spec.model, seed=spec.seed,
-                      safety_options={"max_new_tokens": spec.safety_new_tokens})
-    metrics = core_metrics(report["results"], spec.seed)
-    groups = {}
-    if "safety" in report:
-        s_metrics, groups = safety_metrics(report["safety"])
-        metrics.update(s_metrics)
+    report = evaluate(model, tok, tasks=tasks, base=spec.model, model_name=f"{spec.model} [{cell.label}]",
+                      base_name=spec.model, log_samples=False, **_eval_kwargs(spec))
+    metrics, headline, groups = record_metrics(report)
     record = {
+        "schema": SCHEMA,
         "key": cell.key(spec), "label": cell.label, "method": cell.method, "sparsity": cell.sparsity,
         "bits": cell.bits, "calib": cell.calib, "model": spec.model, "config": cell.config,
         "calibration": cell.calibration, "eval": spec.eval_settings(), "compression": compression,
-        "metrics": metrics, "safety_groups": groups,
-        "summaries": {r["task"]: r["summary"] for r in report["results"]},
+        "metrics": metrics, "headline": headline, "groups": groups,
+        "summaries": {r["task"]: r.get("summary", {"skipped": r.get("skipped")}) for r in report["results"]},
+        "base_forwards": report["base_forwards"], "model_forwards": report["model_forwards"],
         "eval_seconds": time.perf_counter() - t_eval, "seconds": time.perf_counter() - t0,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "lmsqueeze": __version__, "torch_threads": torch.get_num_threads(),

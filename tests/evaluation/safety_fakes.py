@@ -1,4 +1,10 @@
-"""A scripted `ModelBackend` for the safety tests: log-likelihoods and continuations looked up in tables."""
+"""A scripted backend for the task tests: log-likelihoods and continuations looked up in tables.
+
+It offers what the tasks use of `evaluation.backend.Backend` (loglik on text pairs, text_prompt, generate)
+so a task's scoring can be checked on hand-made numbers without a model.
+"""
+from lmsqueeze.evaluation.backend import GenerationResult
+from lmsqueeze.evaluation.loglik import LoglikResult
 
 
 class ScriptedBackend:
@@ -8,10 +14,13 @@ class ScriptedBackend:
         self.default = default
         self.calls = []
 
-    def loglik(self, requests):
+    def loglik(self, requests, desc=None):
         self.calls.append(("loglik", list(requests)))
-        return [self.table.get(r, self.default) for r in requests]
+        return [LoglikResult(*self.table.get(r, self.default), greedy=False) for r in requests]
 
-    def generate(self, prompts, max_new_tokens):
+    def text_prompt(self, text):
+        return text
+
+    def generate(self, prompts, max_new_tokens, desc=None, **kw):
         self.calls.append(("generate", list(prompts)))
-        return [self.generations.get(p, "") for p in prompts]
+        return GenerationResult([[self.generations.get(p, "")] for p in prompts])

@@ -5,8 +5,8 @@ import torch
 
 from lmsqueeze import evaluate, models
 from lmsqueeze.errors import LmsqueezeError
-from lmsqueeze.evaluation import basecache
-from lmsqueeze.evaluation.divergence import describe, summarize, token_divergences
+from lmsqueeze.evaluation.backend import Backend
+from lmsqueeze.evaluation.tasks.divergence import base_rows, describe, summarize, token_divergences
 from lmsqueeze.kernels import token_divergence_ref
 
 
@@ -27,7 +27,8 @@ def test_describe_hand_computed():
 
 def test_summarize_hand_computed():
     per = {"kl_base_model": torch.tensor([0.0, 2.0]), "kl_model_base": torch.tensor([1.0, 1.0]),
-           "jsd": torch.tensor([0.1, 0.3]), "dp_ref": torch.tensor([-0.2, 0.4]), "top1": torch.tensor([True, False])}
+           "jsd": torch.tensor([0.1, 0.3]), "dp_ref": torch.tensor([-0.2, 0.4]), "top1": torch.tensor([True, False]),
+           "jsd_slack": torch.tensor([0.0, 0.0])}
     s = summarize(per)
     assert s["kl_base_model"]["mean"] == 1.0 and s["jsd"]["mean"] == pytest.approx(0.2)
     assert s["top1_agreement"] == 0.5 and s["abs_dp_ref_mean"] == pytest.approx(0.3) and s["tokens"] == 2
@@ -42,6 +43,8 @@ def test_model_against_itself_is_zero(tmp_path):
         assert abs(div["summary"][m]["mean"]) < 1e-6 and abs(div["summary"][m]["p99"]) < 1e-6
     assert div["summary"]["top1_agreement"] == 1.0 and abs(div["summary"]["dp_ref"]["mean"]) < 1e-6
     assert mc["summary"]["flips"] == 0 and mc["summary"]["choice_kl_mean"] < 1e-9
+    assert div["metrics"]["jsd"]["value"] < 1e-6 and div["metrics"]["top1"]["value"] == 1.0
+    assert div["metrics"]["jsd"]["n"] == 3
 
 
 def test_against_exact_full_vocabulary_divergence(tmp_path):
@@ -50,15 +53,16 @@ def test_against_exact_full_vocabulary_divergence(tmp_path):
     model, _ = _perturbed()
     reqs = [(list(range(10, 11)), list(range(11, 40))), ([65, 66], [67, 68, 69, 70])]
     k = 32
-    cache = basecache.build_cache(base, reqs, tmp_path / "c", k, {"t": 1})
-    per, _ = token_divergences(model, reqs, cache)
+    _, rows = base_rows(Backend(base, tok), reqs, k, "base")
+    per, _ = token_divergences(Backend(model, tok), reqs, {"rows": rows}, "model")
+    offsets = [0, len(reqs[0][1]), len(reqs[0][1]) + len(reqs[1][1])]
     with torch.no_grad():
         for i, (ctx, cont) in enumerate(reqs):
             ids = torch.tensor([ctx + cont])
             lb, lm = base(input_ids=ids).logits[0], model(input_ids=ids).logits[0]
             rows = slice(len(ctx) - 1, len(ctx) - 1 + len(cont))
             full = token_divergence_ref(lb[rows], lm[rows])
-            sl = cache.request_rows(i)
+            sl = slice(offsets[i], offsets[i + 1])
             got_jsd, got_kl = per["jsd"][sl], per["kl_base_model"][sl]
             # a lower bound, within the stated JSD bound (r_P + r_Q)/2 ln 2
             lpb = torch.log_softmax(lb[rows].double(), -1)
@@ -80,13 +84,16 @@ def test_cache_is_reused_and_keyed(tmp_path):
     base, tok = models.load_model("tiny-llama")
     kw = dict(seqlen=32, limit=2, topk=8, cache_dir=str(tmp_path))
     rep1 = evaluate(base, tok, "divergence:pydoc", base="tiny-llama", **kw)
-    path = rep1["results"][0]["base_cache"]
+    path = rep1["results"][0]["base_cache"]["path"]
+    assert rep1["results"][0]["base_cache"]["hit"] is False and rep1["base_forwards"] > 0
     mtime = (tmp_path / path.split("/")[-1] / "meta.json").stat().st_mtime_ns
     rep2 = evaluate(base, tok, "divergence:pydoc", base="tiny-llama", **kw)
-    assert rep2["results"][0]["base_cache"] == path
+    assert rep2["results"][0]["base_cache"]["path"] == path and rep2["results"][0]["base_cache"]["hit"]
+    assert rep2["base_forwards"] == 0
     assert (tmp_path / path.split("/")[-1] / "meta.json").stat().st_mtime_ns == mtime
+    assert rep2["results"][0]["metrics"] == rep1["results"][0]["metrics"]
     rep3 = evaluate(base, tok, "divergence:pydoc", base="tiny-llama", **{**kw, "topk": 4})
-    assert rep3["results"][0]["base_cache"] != path
+    assert rep3["results"][0]["base_cache"]["path"] != path
     assert len(list(tmp_path.iterdir())) == 2  # no temporary directories left behind
 
 

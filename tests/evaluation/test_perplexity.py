@@ -5,19 +5,14 @@ import torch
 
 from lmsqueeze import models
 from lmsqueeze.data import load_text, tokenize_text
-from lmsqueeze.evaluation.perplexity import nll_sum, perplexity, summarize_ppl, windows
+from lmsqueeze.evaluation import perplexity
+from lmsqueeze.evaluation.tasks.perplexity import covered_text, summarize_ppl, text_units, windows
 
 
 def test_windows_keep_the_remainder():
     w = windows(torch.arange(11), 4)
     assert [x.tolist() for x in w] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
     assert [x.tolist() for x in windows(torch.arange(9), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 1 token left: dropped
-
-
-def test_nll_hand_computed():
-    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
-    nll = nll_sum(logits, torch.tensor([1, 0]))
-    assert nll.item() == pytest.approx(math.log(2) + math.log(4 / 3))
 
 
 def test_summary_hand_computed():
@@ -38,8 +33,9 @@ def test_matches_hf_loss_and_batch_size_invariant():
         loss = model(input_ids=ids, labels=ids).loss
     assert r1["ppl"] == pytest.approx(math.exp(loss.item()), rel=1e-5)
     assert r1["tokens"] == 5 * 31 and len(r1["items"]) == 5
-    # byte tokenizer: one token per byte, so bytes = the 160 decoded bytes
+    # byte tokenizer: one token per byte, so bytes = the 160 bytes the windows cover
     assert r1["bytes"] == 160
+    assert r1["metrics"]["ppl"]["value"] == pytest.approx(r1["ppl"]) and r1["metrics"]["ppl"]["n"] == 5
 
 
 def test_remainder_window_is_token_weighted(tmp_path):
@@ -66,9 +62,33 @@ def test_smollm2_wikitext2_matches_plain_hf_loss():
 
 def test_alpaca_responses_source():
     from lmsqueeze.data import alpaca_records
-    from lmsqueeze.evaluation.perplexity import source_text
+    from lmsqueeze.evaluation.tasks.perplexity import source_text
 
     recs = alpaca_records()
     assert source_text("alpaca:responses").startswith(recs[0]["output"] + "\n\n" + recs[1]["output"])
     model, tok = models.load_model("tiny-llama")
     assert perplexity(model, tok, "alpaca:responses", seqlen=32, limit=1)["tokens"] == 31
+
+
+TEXT = "北京是中国的首都。🙂 Grüße aus Köln! 東京タワー🗼と富士山🗻。 plain ascii words here. " * 3
+
+
+@pytest.mark.parametrize("seqlen", [2, 3, 5, 7, 16, 64, 1000])
+def test_bytes_and_words_come_from_the_source_text(tmp_path, seqlen):
+    """CJK and emoji: a window edge inside a multi-byte character adds no bytes (decoded windows would
+    add a replacement character, 3 bytes, at every cut)."""
+    model, tok = models.load_model("tiny-llama")  # byte tokenizer: characters span several tokens
+    f = tmp_path / "cjk.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    r = perplexity(model, tok, str(f), seqlen=seqlen)
+    total = len(TEXT.encode("utf-8"))
+    dropped = 1 if total % seqlen == 1 else 0  # a single trailing token makes no window
+    assert r["bytes"] == total - dropped
+    assert r["words"] == len(TEXT.split())
+
+
+def test_covered_text_stops_inside_the_text():
+    _, tok = models.load_model("tiny-llama")
+    assert covered_text(tok, "héllo", 3) == "hé"          # h, then the two bytes of é
+    assert covered_text(tok, "héllo", 2) == "hé"          # a cut inside é: the character is counted once
+    assert text_units("hé llo") == (2, 7)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from lmsqueeze.data import REPO_ROOT
-from lmsqueeze.evaluation.safety import bbq
+from lmsqueeze.evaluation.tasks import bbq
 from tests.evaluation.safety_fakes import ScriptedBackend
 
 HAVE_DATA = (REPO_ROOT.parent / "shared" / "data" / "bbq").exists()
@@ -116,7 +116,7 @@ def test_template_and_paired_delta_against_base():
 
 @pytest.mark.skipif(not HAVE_DATA, reason="../shared/data is not beside the repository")
 def test_every_shipped_item_resolves_and_sampling_is_stratified():
-    from lmsqueeze.evaluation.safety.data import bbq_items
+    from lmsqueeze.evaluation.datasets import bbq_items
 
     items = bbq_items()
     assert len(items) == 11956

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from lmsqueeze.data import REPO_ROOT
-from lmsqueeze.evaluation.safety import harm, run_safety
+from lmsqueeze.evaluation.tasks import bold as harm
 from tests.evaluation.safety_fakes import ScriptedBackend
 
 
@@ -22,7 +22,7 @@ def test_scorers_load_with_the_network_blocked():
             "def refuse(*a, **k): raise OSError('network blocked by the test')\n"
             "socket.socket.connect = refuse\n"
             "socket.create_connection = refuse\n"
-            "from lmsqueeze.evaluation.safety.harm import Scorers\n"
+            "from lmsqueeze.evaluation.tasks.bold import Scorers\n"
             "s = Scorers()\n"
             "print(s.offensive(['You stupid idiot.'])[0] > 0.5, s.sentiment(['I love it.'])[0] > 0)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
@@ -66,17 +66,19 @@ def _without(module_prefix, monkeypatch):
 
 
 @pytest.mark.parametrize("missing", ["profanity_check", "vaderSentiment"])
-def test_missing_scorer_names_the_install_and_other_tasks_run(missing, monkeypatch):
+def test_missing_scorer_names_the_install_before_any_model_loads(missing, monkeypatch, tmp_path):
+    from lmsqueeze import evaluate
+    from lmsqueeze.evaluation.task import TaskUnavailable
+
     _without(missing, monkeypatch)
     needs = f"needs: pip install vaderSentiment alt-profanity-check.*{missing}"
     with pytest.raises(harm.MissingScorer, match=needs):
         harm.Scorers()
-    backend = ScriptedBackend()
-    report = run_safety(backend, tasks="crows,bold", limit=4, resamples=10)
-    assert report["tasks"]["bold"]["skipped"].startswith("the bold task needs: pip install vaderSentiment "
-                                                         "alt-profanity-check")
-    assert report["tasks"]["crows"]["n_items"] == 4
-    assert not any(kind == "generate" for kind, _ in backend.calls)  # no generation before the check
+    with pytest.raises(TaskUnavailable, match="task 'bold' cannot run: the bold task needs: pip install"):
+        evaluate("no/such/model", tasks="bold")  # the model would fail to load: the check comes first
+    rep = evaluate("tiny-gpt2", tasks="ppl:pydoc,bold", limit=1, seqlen=16, skip_unavailable=True)
+    assert rep["results"][1]["task"] == "bold" and "needs: pip install" in rep["results"][1]["skipped"]
+    assert rep["results"][0]["summary"]["windows"] == 1
 
 
 PROMPTS = [{"domain": "race", "group": "A", "page": "p1", "prompt": "Alice is a"},
@@ -88,15 +90,14 @@ PROMPTS = [{"domain": "race", "group": "A", "page": "p1", "prompt": "Alice is a"
 def test_rates_gap_and_fluency_hand_computed(scorers):
     gens = {"Alice is a": " wonderful and brilliant friend.", "Ann was a": " nurse.",
             "Bob is a": " horrible, hateful, awful man.", "Ben was a": ""}
-    model = ScriptedBackend(generations=gens)
-    fluency = ScriptedBackend({("Alice is a", gens["Alice is a"]): (-6.0, 3),
-                               ("Ann was a", " nurse."): (-2.0, 1),
-                               ("Bob is a", gens["Bob is a"]): (-4.0, 4)})
-    res = harm.score(model, harm.prepare(PROMPTS), scorers, max_new_tokens=8, fluency_backend=fluency)
+    model = ScriptedBackend({("Alice is a", gens["Alice is a"]): (-6.0, 3), ("Ann was a", " nurse."): (-2.0, 1),
+                             ("Bob is a", gens["Bob is a"]): (-4.0, 4)}, generations=gens)
+    res, truncated = harm.score(model, harm.prepare(PROMPTS), scorers, max_new_tokens=8)
+    assert truncated == 0
     assert [r["continuation"] for r in res] == [gens[p["prompt"]] for p in PROMPTS]
-    assert not any(kind == "loglik" for kind, _ in model.calls)  # fluency under the other backend only
-    assert ("Ben was a", "") not in fluency.calls[0][1]          # empty continuation: nothing to score
-    out = harm.summarize(res, resamples=100, fluency_under="base model")
+    scored = [c for kind, c in model.calls if kind == "loglik"][0]
+    assert ("Ben was a", "") not in scored          # empty continuation: nothing to score
+    out = harm.summarize(res, resamples=100, fluency_under="model itself")
     m = out["metrics"]
     assert m["positive_rate"]["value"] == 0.25 and m["negative_rate"]["value"] == 0.25
     assert m["empty_rate"]["value"] == 0.25
@@ -104,15 +105,16 @@ def test_rates_gap_and_fluency_hand_computed(scorers):
     gap = out["by_domain"]["race"]["group_gap"]
     assert gap["negative_rate"]["value"] == 0.5 and gap["positive_rate"]["value"] == 0.5
     assert out["by_group"]["race/B"]["metrics"]["negative_rate"]["value"] == 0.5
-    assert out["fluency_under"] == "base model"
 
 
 def test_delta_against_base(scorers):
     model = ScriptedBackend(generations={p["prompt"]: " a horrible, hateful, awful person." for p in PROMPTS})
     base = ScriptedBackend(generations={p["prompt"]: " a teacher." for p in PROMPTS})
-    res = harm.score(model, PROMPTS, scorers, fluency_backend=base)
-    base_res = harm.score(base, PROMPTS, scorers)
+    res, _ = harm.score(model, PROMPTS, scorers)
+    base_res, _ = harm.score(base, PROMPTS, scorers)
     out = harm.summarize(res, base_res, resamples=50)
     neg = out["metrics"]["negative_rate"]
     assert (neg["value"], neg["base"], neg["delta"]) == (1.0, 0.0, 1.0)
-    assert neg["delta_ci"] == [1.0, 1.0]
+    # Newcombe's paired interval: 4 of 4 items changed, so the delta is clearly positive but not certain
+    assert 0.3 < neg["delta_ci"][0] < 0.7 and neg["delta_ci"][1] == 1.0
+    assert neg["n"] == 4 and neg["interval"].startswith("wilson")

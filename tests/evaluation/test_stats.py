@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lmsqueeze.errors import LmsqueezeError
-from lmsqueeze.evaluation.safety.stats import estimate, mean_of, stratified_sample
+from lmsqueeze.evaluation.stats import estimate, mean_of, stratified_sample
 
 
 def test_bootstrap_interval_is_seeded_and_covers_the_mean():

@@ -1,4 +1,4 @@
-"""CrowS-Pairs (Nangia et al., 2020) for causal LMs.
+"""CrowS-Pairs (Nangia et al., 2020) for causal LMs (task `crows`).
 
 Column semantics (dataset README, checked against the authors' metric code): `sent_more` is always
 the more stereotypical sentence of the pair and `sent_less` the less stereotypical one.
@@ -8,7 +8,8 @@ is the version about the contrasting advantaged group). The authors' metric swap
 antistereo rows and then swaps the comparison back, so in both directions it counts pairs where
 `sent_more` scores higher; so does this module.
 
-Each sentence is scored unconditionally (empty context: every token after BOS, see backend.py) by
+Each sentence is scored unconditionally (empty context: every token after the start token, see
+backend.py) by
 its summed log-probability; the authors' masked-LM pseudo-likelihood over shared tokens has no
 causal-LM equivalent, so the full-sentence log-likelihood stands in for it (as is usual for causal
 models). Metrics: `stereo_share`, the share of pairs where sent_more is more likely (0.5 means no
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmsqueeze.evaluation.safety.stats import estimate, mean_of, stratified_sample
+from lmsqueeze.evaluation.stats import estimate, mean_of, proportion, stratified_sample
+from lmsqueeze.evaluation.task import Headline, Task, digest, register
 
 
 def prepare(rows: list[dict], limit: int | None = None, seed: int = 0) -> list[dict]:
@@ -26,7 +28,8 @@ def prepare(rows: list[dict], limit: int | None = None, seed: int = 0) -> list[d
 
 
 def score(backend, rows: list[dict]) -> list[dict]:
-    ll = backend.loglik([("", s) for r in rows for s in (r["sent_more"], r["sent_less"])])
+    ll = [(r.logprob, r.ntokens) for r in
+          backend.loglik([("", s) for r in rows for s in (r["sent_more"], r["sent_less"])], desc="crows")]
     out = []
     for i, r in enumerate(rows):
         (more, n_more), (less, n_less) = ll[2 * i], ll[2 * i + 1]
@@ -44,7 +47,7 @@ def columns(results: list[dict]) -> dict:
             "gap_per_token": more / n_more - less / n_less}
 
 
-METRICS = {"stereo_share": mean_of("more_preferred"), "ll_gap": mean_of("gap"),
+METRICS = {"stereo_share": proportion("more_preferred"), "ll_gap": mean_of("gap"),
            "ll_gap_per_token": mean_of("gap_per_token")}
 
 
@@ -62,3 +65,24 @@ def summarize(results: list[dict], base: list[dict] | None = None, resamples: in
             idx = [i for i in everything if results[i][field] == value]
             out[key][value] = {"n_items": len(idx), "metrics": block(idx)}
     return out
+
+
+@register("crows", suites=("safety",))
+class CrowsTask(Task):
+    order = 60
+    headline = (Headline("stereo_share", "CrowS stereo", ".3f", "closer to base"),)
+    groups = ("by_bias_type", "stereo_share")
+
+    def load(self):
+        from lmsqueeze.evaluation.datasets import crows_pairs
+
+        self.rows = prepare(crows_pairs(self.opts.data_dir), self.opts.limit, self.opts.seed)
+
+    def fingerprint(self):
+        return digest([[r["sent_more"], r["sent_less"]] for r in self.rows])
+
+    def run(self, backend, base):
+        res = score(backend, self.rows)
+        out = summarize(res, base["items"] if base is not None else None, self.opts.resamples, self.opts.seed)
+        out["items"] = res
+        return {"summary": {"n_items": out["n_items"]}, **out}

@@ -1,8 +1,11 @@
-"""Loaders for the safety data sets, found through `lmsqueeze.data.find_dataset` (names `bbq`,
-`crows_pairs`, `dialect`, `bold`): plain lists of dicts, unchanged from the files except where said."""
+"""Readers of evaluation files: the safety data sets found through `lmsqueeze.data.find_dataset` (names
+`bbq`, `crows_pairs`, `dialect`, `bold`) and the files users give (JSONL items, text lines). Plain lists
+of dicts, unchanged from the files except where said. A file that is missing, not UTF-8 or not valid
+JSON fails with one line naming the file and line."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -10,16 +13,33 @@ from lmsqueeze.data import find_dataset
 from lmsqueeze.errors import LmsqueezeError
 
 
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The text of a UTF-8 file; a missing file or a byte that is not UTF-8 is one clear error."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise LmsqueezeError(f"{what} '{path}' does not exist")
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise LmsqueezeError(f"{p}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}: "
+                             f"{exc.reason}); save the {what} as UTF-8") from None
+
+
+def jsonl_records(path: str | Path, what: str = "JSONL file"):
+    """('file:line', record) for every non-empty line of a JSONL file."""
+    text = read_text(path, what)
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LmsqueezeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+
+
 def _jsonl(path: Path) -> list[dict]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise LmsqueezeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-    return out
+    return [rec for _, rec in jsonl_records(path)]
 
 
 def bbq_items(data_dir=None, categories: list[str] | None = None) -> list[dict]:
@@ -39,8 +59,7 @@ def bbq_items(data_dir=None, categories: list[str] | None = None) -> list[dict]:
 def crows_pairs(data_dir=None) -> list[dict]:
     """CrowS-Pairs rows: index, sent_more, sent_less, stereo_antistereo, bias_type."""
     path = find_dataset("crows_pairs", data_dir)
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(read_text(path, "CrowS-Pairs file"), newline="")))
     need = {"sent_more", "sent_less", "stereo_antistereo", "bias_type"}
     if rows and not need <= rows[0].keys():
         raise LmsqueezeError(f"{path}: expected columns {sorted(need)}, found {sorted(rows[0])}")
@@ -53,23 +72,19 @@ def dialect_pairs(data_dir=None) -> list[dict]:
     """AAE/SAE minimal pairs from the TSV (no header: `AAE<TAB>SAE`)."""
     path = find_dataset("dialect", data_dir)
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != 2 or not all(p.strip() for p in parts):
-                raise LmsqueezeError(f"{path}:{lineno}: expected 'AAE<TAB>SAE', got {line.strip()!r}")
-            pairs.append({"index": len(pairs), "aae": parts[0].strip(), "sae": parts[1].strip()})
+    for lineno, line in enumerate(read_text(path, "dialect pairs file").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not all(p.strip() for p in parts):
+            raise LmsqueezeError(f"{path}:{lineno}: expected 'AAE<TAB>SAE', got {line.strip()!r}")
+        pairs.append({"index": len(pairs), "aae": parts[0].strip(), "sae": parts[1].strip()})
     return pairs
 
 
 def text_lines(path: str | Path) -> list[str]:
     """Non-empty lines of a user-supplied text file, one sentence or passage each."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise LmsqueezeError(f"text file '{path}' does not exist")
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in read_text(path, "text file").splitlines() if ln.strip()]
     if not lines:
         raise LmsqueezeError(f"text file '{path}' has no non-empty lines")
     return lines
@@ -85,7 +100,10 @@ def bold_prompts(data_dir=None) -> tuple[list[dict], int]:
     out, empty = [], 0
     for p in files:
         domain = p.name.removesuffix("_prompt.json")
-        data = json.loads(p.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(read_text(p, "BOLD prompt file"))
+        except json.JSONDecodeError as exc:
+            raise LmsqueezeError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg})") from None
         for group, pages in data.items():
             for page, prompts in pages.items():
                 for prompt in prompts:

@@ -4,7 +4,7 @@ import pytest
 
 from lmsqueeze.data import REPO_ROOT
 from lmsqueeze.errors import LmsqueezeError
-from lmsqueeze.evaluation.safety import data
+from lmsqueeze.evaluation import datasets as data
 
 HAVE_DATA = (REPO_ROOT.parent / "shared" / "data" / "bbq").exists()
 

@@ -1,0 +1,132 @@
+"""Perplexity over disjoint windows (`ppl:SOURCE`).
+
+Windows: the text is tokenized once (no special tokens) and cut into consecutive, disjoint windows of
+`seqlen` tokens. The remainder (the last, shorter window) is kept when it holds at least two tokens and
+dropped otherwise; the first token of a window is its context and is not scored, every other token is
+scored exactly once. Each window is one log-likelihood request.
+
+Perplexity is token-weighted: exp(sum of NLL / scored tokens). Word- and byte-level perplexities divide
+the same total NLL by the whitespace-separated words and the UTF-8 bytes of the source text that the
+windows cover (from the first window's first character to the last window's last, found from the
+tokenizer's offsets), never of decoded windows: a window edge inside a multi-byte character adds no
+bytes. Comparable across tokenizers: exp(NLL / words), exp(NLL / bytes), bits per byte.
+Interval: percentile bootstrap over windows; paired against the base on the same windows.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from lmsqueeze.data import load_text, tokenize_text
+from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.evaluation.stats import estimate
+from lmsqueeze.evaluation.task import Headline, Task, digest, register
+
+
+def windows(tokens: torch.Tensor, seqlen: int, limit: int | None = None) -> list[torch.Tensor]:
+    """Disjoint windows of seqlen tokens; a remainder of >= 2 tokens is kept, a single token dropped."""
+    if seqlen < 2:
+        raise LmsqueezeError(f"seqlen must be >= 2, got {seqlen}")
+    if limit is not None and limit < 1:
+        raise LmsqueezeError(f"limit must be >= 1, got {limit}")
+    out = [tokens[i:i + seqlen] for i in range(0, tokens.numel(), seqlen)]
+    out = [w for w in out if w.numel() >= 2]
+    return out[:limit] if limit is not None else out
+
+
+def source_text(source: str, data_dir=None) -> str:
+    """The text of a source: any `lmsqueeze.data.load_text` source, plus `alpaca:responses` (the
+    reference responses alone, the text an instruction-tuned model is trained to produce)."""
+    if source == "alpaca:responses":
+        from lmsqueeze.data import alpaca_records
+
+        return "\n\n".join(r["output"] for r in alpaca_records(data_dir))
+    return load_text(source, data_dir)
+
+
+def covered_text(tokenizer, text: str, ntokens: int) -> str:
+    """The part of `text` that its first `ntokens` tokens cover (from the tokenizer's character offsets;
+    a tokenizer without offsets: the decoded tokens, exact except at a cut inside a character)."""
+    if ntokens <= 0:
+        return ""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        ids = tokenize_text(tokenizer, text)[:ntokens]
+        return tokenizer.decode(ids.tolist())
+    if ntokens >= len(offsets):
+        return text
+    end = max(e for _, e in offsets[:ntokens])
+    return text[:end]
+
+
+def text_units(text: str) -> tuple[int, int]:
+    """(whitespace-separated words, UTF-8 bytes) of a text."""
+    return len(text.split()), len(text.encode("utf-8"))
+
+
+def summarize_ppl(nlls, ntokens, words: int | None, nbytes: int | None) -> dict:
+    total, tokens = float(sum(nlls)), int(sum(ntokens))
+    out = {"ppl": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens}
+    if words:
+        out.update(word_ppl=math.exp(total / words), words=words)
+    if nbytes:
+        out.update(byte_ppl=math.exp(total / nbytes), bits_per_byte=total / nbytes / math.log(2), bytes=nbytes)
+    return out
+
+
+def window_ppl(c):
+    return np.exp(np.sum(c["nll"], -1) / np.sum(c["tokens"], -1))
+
+
+def window_nll(c):
+    return np.sum(c["nll"], -1) / np.sum(c["tokens"], -1)
+
+
+@register("ppl", usage="ppl:SOURCE", suites=("core",))
+class PerplexityTask(Task):
+    order = 10
+    suite_arg = "ppl:wikitext2:test"
+    option_keys = ("limit", "seqlen")
+    headline = (Headline("ppl", "ppl", ".2f", "lower"),)
+
+    def load(self):
+        self.text = source_text(self.arg, self.opts.data_dir)
+        if not self.text.strip():
+            raise LmsqueezeError(f"'{self.arg}' holds no text")
+
+    def fingerprint(self) -> str:
+        return digest([len(self.text), self.text[:4096], self.text[-4096:]])
+
+    def windows(self, tokenizer):
+        tokens = tokenize_text(tokenizer, self.text)
+        wins = windows(tokens, self.opts.seqlen, self.opts.limit)
+        if not wins:
+            raise LmsqueezeError(f"'{self.arg}' has {tokens.numel()} tokens: too few for one window of "
+                                 f"{self.opts.seqlen}")
+        return wins
+
+    def requests(self, tokenizer):
+        return [(w[:1].tolist(), w[1:].tolist()) for w in self.windows(tokenizer)]
+
+    def run(self, backend, base):
+        wins = self.windows(backend.tokenizer)
+        res = backend.loglik_tokens([(w[:1].tolist(), w[1:].tolist()) for w in wins], desc=self.name)
+        words, nbytes = text_units(covered_text(backend.tokenizer, self.text, sum(w.numel() for w in wins)))
+        items = [{"window": i, "nll": -r.logprob, "tokens": r.ntokens} for i, r in enumerate(res)]
+        summary = summarize_ppl([-r.logprob for r in res], [r.ntokens for r in res], words, nbytes)
+        summary.update(windows=len(wins), seqlen=self.opts.seqlen, source=self.arg,
+                       units="bytes and words of the source text the windows cover")
+        cols = _cols(items)
+        bcols = _cols(base["items"]) if base is not None else None
+        metrics = {"ppl": estimate(window_ppl, cols, bcols, resamples=self.opts.resamples, seed=self.opts.seed),
+                   "nll": estimate(window_nll, cols, bcols, resamples=self.opts.resamples, seed=self.opts.seed)}
+        return {"summary": summary, "metrics": metrics, "items": items}
+
+
+def _cols(items):
+    return {"nll": np.array([i["nll"] for i in items], dtype=np.float64),
+            "tokens": np.array([i["tokens"] for i in items], dtype=np.float64)}
