@@ -1,212 +1,186 @@
-"""Evaluation throughput: the batched loglik core against the straightforward way, validated first.
+"""Evaluation throughput against the peer users would otherwise run: lmsqueeze vs lm-evaluation-harness.
 
-    python bench/bench_eval.py [--model smollm2-135m] [--dtype bf16] [--piqa-items 200] [--windows 8] [--quick]
+    python bench/bench_eval.py [--items 400] [--ppl-windows 40] [--model smollm2-135m] [--batch-size 16]
 
-Cases (each validated against its baseline before timing; one call = the whole task):
-- ppl: token-weighted perplexity over `--windows` windows of `--seqlen` tokens of wikitext2:test.
-  baseline: one forward per window with `labels=` (Hugging Face's own loss), the full logits.
-- divergence: per-token KL/JSD/top-1 of the model against its base on the same windows.
-  baseline: both models forward per window, full log-softmax of both, torch.nn.functional.kl_div;
-  ours: the model alone against the base's on-disk top-k cache (built once, untimed, reported apart).
-  The model is the base itself here (the throughput does not depend on the weights); validation
-  checks both give zero divergence and agree on perplexity.
-- piqa: accuracy on the first `--piqa-items` PIQA items.
-  baseline: one forward per (context, choice) pair, full logits and log-softmax over the sequence,
-  as lm-eval-harness does; ours: `loglik` batched (full sequences; the shared-context KV-cache path
-  is off by default, see loglik). Validation: identical predictions, hence identical accuracy.
-The table gives tokens/s (ppl, divergence) or items/s (piqa) and the speedup over the baseline.
+Whole processes, side by side, on the same model (fp32), the same items and the same prompt:
+- piqa: accuracy on the first `--items` PIQA validation items. lm-evaluation-harness runs `--model hf`
+  with a local task YAML written by this script (its data: the items with their labels in one JSONL file
+  under a temporary directory) whose prompt is lmsqueeze's, start token included
+  ("<start>Question: {goal}\\nAnswer:" + " {solution}"), so both score the same token sequences.
+- ppl: perplexity of wikitext2:test. lmsqueeze: `ppl:wikitext2:test` over `--ppl-windows` disjoint windows
+  of 512 tokens; lm-evaluation-harness: a local `loglikelihood_rolling` task over the same text (one
+  document), `max_length=512`. The two window rules differ by one token a window (lmsqueeze conditions
+  each window on its first token; lm-eval scores it from the previous window's last), so the word
+  perplexities agree to a fraction of a percent, not exactly: the table shows both.
+Each process is timed whole (model load, tokenization, scoring, writing results), once; the ratio is
+lm-eval's time over lmsqueeze's. lm-evaluation-harness must be installed in the same environment
+(`pip install lm-eval`); without it the script says so and times lmsqueeze alone.
 """
 from __future__ import annotations
 
-import math
+import argparse
+import json
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.harness import Case, parser, run  # noqa: E402
-from lmsqueeze import models  # noqa: E402
-from lmsqueeze.evaluation import basecache, divergence  # noqa: E402
-from lmsqueeze.evaluation.loglik import loglik  # noqa: E402
-from lmsqueeze.evaluation.multiple_choice import mc_requests, piqa_items, score  # noqa: E402
-from lmsqueeze.evaluation.perplexity import source_windows, window_requests  # noqa: E402
+PIQA_YAML = """task: lmsq_piqa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "{start}Question: {{{{goal}}}}\\nAnswer:"
+doc_to_target: label
+doc_to_choice: "{{{{[sol1, sol2]}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
 
-
-# ---- baselines: the straightforward way ----------------------------------------------------------------
-
-@torch.no_grad()
-def ppl_per_window(model, wins):
-    nll, n = 0.0, 0
-    for w in wins:
-        ids = w[None]
-        loss = model(input_ids=ids, labels=ids).loss.item()
-        nll += loss * (w.numel() - 1)
-        n += w.numel() - 1
-    return math.exp(nll / n)
-
-
-@torch.no_grad()
-def divergence_both_models(base, model, wins):
-    jsd, kl, n = 0.0, 0.0, 0
-    F = torch.nn.functional
-    for w in wins:
-        ids = w[None, :-1]
-        lp = torch.log_softmax(base(input_ids=ids).logits[0].float(), -1)
-        lq = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-        kl += F.kl_div(lq, lp, log_target=True, reduction="sum").item()
-        lm = torch.logaddexp(lp, lq) - math.log(2)
-        jsd += 0.5 * (F.kl_div(lm, lp, log_target=True, reduction="sum").item()
-                      + F.kl_div(lm, lq, log_target=True, reduction="sum").item())
-        n += ids.shape[1]
-    return {"kl": kl / n, "jsd": jsd / n}
+PPL_YAML = """task: lmsq_wikitext
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
 
 
-@torch.no_grad()
-def mc_per_pair(model, reqs):
-    """lm-eval-harness style: one forward per (context, continuation), log-softmax of all positions."""
-    out = []
-    for ctx, cont in reqs:
-        ids = torch.tensor([ctx + cont])[:, :-1]
-        lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-        pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont))
-        out.append(lp[pos, torch.tensor(cont)].sum().item())
-    return out
-
-
-# ---- cases ----------------------------------------------------------------------------------------------
-
-def cases(args) -> tuple[list[Case], dict]:
-    groups = set(args.groups.split(","))
-    model, tok = models.load_model(args.model, dtype=args.dtype)
-    threads = torch.get_num_threads()
-    wins = source_windows(tok, "wikitext2:test", args.seqlen, args.windows)
-    reqs = window_requests(wins)
-    ntok = sum(len(c) for _, c in reqs)
-    common = {"model": args.model, "dtype": args.dtype, "threads": threads}
-    work = {}
-    out = []
-
-    ppl_params = {**common, "windows": len(wins), "seqlen": args.seqlen, "tokens": ntok}
-    work["ppl"] = ntok
-    if "ppl" in groups:
-        out += ppl_cases(model, wins, reqs, ppl_params, args)
-    if "divergence" in groups:
-        out += divergence_cases(model, wins, reqs, {**ppl_params, "topk": args.topk}, args, work)
-    if "piqa" in groups:
-        out += piqa_cases(model, tok, common, args, work)
-    return out, work
-
-
-def ppl_cases(model, wins, reqs, ppl_params, args):
-    out = []
-
-    def ours_ppl():
-        res = loglik(model, reqs, batch_tokens=args.batch_tokens, shared_context=False)
-        return math.exp(-sum(r.logprob for r in res) / sum(r.ntokens for r in res))
-
-    ref_ppl = ppl_per_window(model, wins)
-
-    def check_ppl(v):
-        return None if abs(v / ref_ppl - 1) < 1e-2 else f"ppl {v:.4f} vs baseline {ref_ppl:.4f}"
-
-    out.append(Case("baseline: HF loss, 1 window/forward", "ppl", lambda: ppl_per_window(model, wins), ppl_params,
-                    check=check_ppl))
-    out.append(Case("ours: loglik, batched", "ppl", ours_ppl, ppl_params, check=check_ppl,
-                    baseline="baseline: HF loss, 1 window/forward"))
-
-    return out
-
-
-def divergence_cases(model, wins, reqs, div_params, args, work):
-    out = []
-    tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
-
+def _run(cmd: list[str], env: dict) -> tuple[float, str]:
     t0 = time.perf_counter()
-    cache = basecache.build_cache(model, reqs, tmp / "cache", args.topk, {"bench": True},
-                                  batch_tokens=args.batch_tokens)
-    work["base_cache_s"] = time.perf_counter() - t0
-
-    def ours_div():
-        per, _ = divergence.token_divergences(model, reqs, cache, args.batch_tokens)
-        return divergence.summarize(per)
-
-    def check_div(v):
-        jsd = v["jsd"]["mean"] if "jsd" in v and isinstance(v["jsd"], dict) else v["jsd"]
-        return None if abs(jsd) < 2e-3 else f"divergence of a model from itself is {jsd}"
-
-    out.append(Case("baseline: both models, full log-softmax", "divergence",
-                    lambda: divergence_both_models(model, model, wins), div_params, check=check_div))
-    out.append(Case("ours: model vs top-k base cache", "divergence", ours_div, div_params, check=check_div,
-                    baseline="baseline: both models, full log-softmax"))
-
-    return out
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return seconds, proc.stdout
 
 
-def piqa_cases(model, tok, common, args, work):
-    out = []
-    items = piqa_items()[:args.piqa_items]
-    mreqs, where = mc_requests(tok, items)
-    work["piqa"] = len(items)
-    mc_params = {**common, "items": len(items), "pairs": len(mreqs), "tokens": sum(len(c) + len(x) for c, x in mreqs)}
-    base_lps = mc_per_pair(model, mreqs)
-    base_pred = [r["pred"] for r in score(items, where, base_lps)["items"]]
-    work["piqa_acc_baseline"] = score(items, where, base_lps)["summary"]["acc"]
-
-    def check_mc(lps):
-        s = score(items, where, lps)
-        preds = [r["pred"] for r in s["items"]]
-        diff = sum(a != b for a, b in zip(preds, base_pred))
-        return None if diff == 0 else f"{diff} predictions differ from one-forward-per-pair"
-
-    out.append(Case("baseline: 1 forward per (context, choice)", "piqa", lambda: mc_per_pair(model, mreqs), mc_params,
-                    check=check_mc))
-    out.append(Case("ours: loglik, batched", "piqa",
-                    lambda: [r.logprob for r in loglik(model, mreqs, batch_tokens=args.batch_tokens)],
-                    mc_params, check=check_mc, baseline="baseline: 1 forward per (context, choice)"))
-    return out
+def _lm_eval_results(out_dir: Path) -> dict:
+    files = sorted(out_dir.rglob("results*.json"))
+    if not files:
+        raise SystemExit(f"lm-eval wrote no results under {out_dir}")
+    return json.loads(files[-1].read_text())["results"]
 
 
-def rates(results: list[dict], work: dict) -> str:
-    lines = ["| group | case | throughput | speedup |", "|---|---|---|---|"]
-    by = {(r["group"], r["name"]): r for r in results}
-    for r in results:
-        if "median_s" not in r:
-            continue
-        if r["group"] == "piqa":
-            rate = f"{work['piqa'] / r['median_s']:.2f} items/s"
-        else:
-            rate = f"{work['ppl'] / r['median_s']:.0f} tokens/s"
-        base = by.get((r["group"], r.get("baseline")))
-        sp = f"{base['median_s'] / r['median_s']:.2f}x" if base and "median_s" in base else ""
-        lines.append(f"| {r['group']} | {r['name']} | {rate} | {sp} |")
-    return "\n".join(lines)
-
-
-def main():
-    p = parser(__doc__)
-    p.set_defaults(warmup=0, repeat=2, min_seconds=0.0)
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--windows", type=int, default=8)
-    p.add_argument("--piqa-items", type=int, default=200)
-    p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument("--topk", type=int, default=64)
-    p.add_argument("--groups", default="ppl,divergence,piqa", help="comma-separated subset of ppl,divergence,piqa")
-    args = p.parse_args()
-    if args.quick:
-        args.windows, args.piqa_items, args.seqlen = 2, 20, 128
-    cs, work = cases(args)
-    results = run("eval", cs, args)
-    print(rates(results, work))
-    if "base_cache_s" in work:
-        print(f"\nbase cache for divergence built once in {work['base_cache_s']:.2f} s (untimed above)")
-    if "piqa_acc_baseline" in work:
-        print(f"PIQA accuracy (validated: identical predictions in every case): {work['piqa_acc_baseline']:.4f}")
+    p.add_argument("--items", type=int, default=400, help="PIQA items (default 400)")
+    p.add_argument("--ppl-windows", type=int, default=40, help="wikitext2:test windows of 512 tokens (default 40)")
+    p.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size (default 16)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in both (default: torch's choice)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--only", choices=["piqa", "ppl"], default=None)
+    p.add_argument("--output", default=None, help="JSON path (default bench/results/eval-vs-lm-eval-<time>.json)")
+    args = p.parse_args(argv)
+
+    from bench.harness import machine_info
+    from lmsqueeze import models
+    from lmsqueeze.data import load_text, piqa_records
+    from lmsqueeze.evaluation.api import _load_tokenizer
+    from lmsqueeze.evaluation.backend import start_token
+
+    path = models.resolve(args.model)
+    tok = _load_tokenizer(args.model)
+    start = tok.convert_ids_to_tokens(start_token(tok))
+    env = {**os.environ, "LMSQUEEZE_QUIET": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    have_lm_eval = shutil.which("lm_eval") is not None or _importable("lm_eval")
+    rows, record = [], {"machine": machine_info(), "settings": vars(args), "cases": {}}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    try:
+        data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
+        if args.only in (None, "piqa"):
+            recs = piqa_records(args.data_dir)[:args.items]
+            (tmp / "piqa").mkdir()
+            (tmp / "piqa" / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+            (tmp / "tasks").mkdir(exist_ok=True)
+            (tmp / "tasks" / "piqa.yaml").write_text(PIQA_YAML.format(data=tmp / "piqa" / "valid.jsonl",
+                                                                      start=start))
+            ours_s, _ = _run([sys.executable, "-m", "lmsqueeze", "eval", "--model", args.model, "--tasks", "piqa",
+                              "--limit", str(args.items), "--dtype", "fp32", "--output", str(tmp / "ours.json"),
+                              "--resamples", "0"] + data_dir, env)
+            ours = json.loads((tmp / "ours.json").read_text())["results"][0]["summary"]
+            case = {"lmsqueeze_s": ours_s, "lmsqueeze_acc": ours["acc"], "lmsqueeze_acc_norm": ours["acc_norm"]}
+            if have_lm_eval:
+                theirs_s, _ = _run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                                    f"pretrained={path},dtype=float32", "--tasks", "lmsq_piqa", "--include_path",
+                                    str(tmp / "tasks"), "--batch_size", str(args.batch_size), "--output_path",
+                                    str(tmp / "lm-eval-piqa")], env)
+                res = _lm_eval_results(tmp / "lm-eval-piqa")["lmsq_piqa"]
+                case.update(lm_eval_s=theirs_s, lm_eval_acc=res["acc,none"], lm_eval_acc_norm=res["acc_norm,none"],
+                            speedup=theirs_s / ours_s)
+            record["cases"]["piqa"] = case
+            rows.append(("piqa", f"{args.items} items", case, "acc"))
+        if args.only in (None, "ppl"):
+            text = load_text("wikitext2:test", args.data_dir)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            cut = min(len(ids), args.ppl_windows * 512)
+            part = tok.decode(ids[:cut])
+            (tmp / "wiki.txt").write_text(part)
+            (tmp / "wiki.jsonl").write_text(json.dumps({"text": part}) + "\n")
+            (tmp / "tasks").mkdir(exist_ok=True)
+            (tmp / "tasks" / "wiki.yaml").write_text(PPL_YAML.format(data=tmp / "wiki.jsonl"))
+            ours_s, _ = _run([sys.executable, "-m", "lmsqueeze", "eval", "--model", args.model, "--tasks",
+                              f"ppl:{tmp / 'wiki.txt'}", "--eval-seqlen", "512", "--dtype", "fp32", "--output",
+                              str(tmp / "ours-ppl.json"), "--resamples", "0"], env)
+            ours = json.loads((tmp / "ours-ppl.json").read_text())["results"][0]["summary"]
+            case = {"lmsqueeze_s": ours_s, "lmsqueeze_word_ppl": ours["word_ppl"], "lmsqueeze_ppl": ours["ppl"],
+                    "tokens": ours["tokens"]}
+            if have_lm_eval:
+                theirs_s, _ = _run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                                    f"pretrained={path},dtype=float32,max_length=512", "--tasks", "lmsq_wikitext",
+                                    "--include_path", str(tmp / "tasks"), "--batch_size", str(args.batch_size),
+                                    "--output_path", str(tmp / "lm-eval-ppl")], env)
+                res = _lm_eval_results(tmp / "lm-eval-ppl")["lmsq_wikitext"]
+                case.update(lm_eval_s=theirs_s, lm_eval_word_ppl=res["word_perplexity,none"],
+                            speedup=theirs_s / ours_s)
+            record["cases"]["ppl"] = case
+            rows.append(("ppl wikitext2:test", f"{ours['tokens']} tokens", case, "word_ppl"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print("| task | size | lmsqueeze | lm-eval | speedup | lmsqueeze metric | lm-eval metric |")
+    print("|---|---|---|---|---|---|---|")
+    for name, size, c, metric in rows:
+        theirs = f"{c['lm_eval_s']:.1f} s" if "lm_eval_s" in c else "not installed"
+        speed = f"{c['speedup']:.2f}x" if "speedup" in c else "-"
+        print(f"| {name} | {size} | {c['lmsqueeze_s']:.1f} s | {theirs} | {speed} | "
+              f"{metric} {c['lmsqueeze_' + metric]:.4f} | "
+              f"{'-' if 'lm_eval_' + metric not in c else format(c['lm_eval_' + metric], '.4f')} |")
+    if not have_lm_eval:
+        print("\nlm-evaluation-harness is not installed here (pip install lm-eval): lmsqueeze timed alone")
+    out = Path(args.output) if args.output else ROOT / "bench" / "results" / \
+        f"eval-vs-lm-eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2, default=str))
+    print(f"JSON: {out}", file=sys.stderr)
+    return 0
+
+
+def _importable(mod: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(mod) is not None
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

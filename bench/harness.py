@@ -106,7 +106,7 @@ def paired_speedup(case: Case, base: Case, pairs: int) -> float:
 
 
 def machine_info() -> dict:
-    from lmsqueeze.cli import backend_report
+    from lmsqueeze.info import backend_report
 
     rep = backend_report()
     try:

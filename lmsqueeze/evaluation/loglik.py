@@ -13,11 +13,9 @@ How it runs:
 - The decoder runs without its output head; the head is applied only to the rows that are scored,
   in chunks of `CHUNK_ROWS`, and log-softmax is taken in fp32 per chunk: no [batch, time, vocab]
   tensor is ever built (on SmolLM2, 4096 tokens x 49152 x 4 bytes would be 800 MB).
-- Items sharing a context (multiple choice) can run the context once: one forward over the
-  contexts with a KV cache, then all continuations against the cache rows they belong to
-  (`shared_context=True`/"auto"; supported for the architectures in SHARED_CONTEXT_ARCHS, checked
-  against full sequences in the tests; others fall back to full sequences). Off by default, see
-  `loglik` for the measurement.
+- Every request runs as one full sequence. (A path that ran shared multiple-choice contexts once with a
+  KV cache was removed: on SmolLM2 / PIQA, contexts ~10 tokens and choices ~25, it saved little, and in
+  bf16 it rounded differently from full sequences and flipped a near-tie.)
 - Results do not depend on the batch size beyond float rounding (padding is masked, positions are
   explicit); the tests check batch 1 against large batches.
 """
@@ -36,9 +34,6 @@ from lmsqueeze.progress import progress
 log = logging.getLogger("lmsqueeze")
 
 CHUNK_ROWS = 512
-# Decoder families whose forward takes explicit position_ids with a KV cache and a 2-D padding mask
-# that spans cache + new tokens (equality with full sequences tested in tests/evaluation/test_loglik.py).
-SHARED_CONTEXT_ARCHS = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "opt")
 # Models whose logits are not head(last hidden state) (soft-capping or scaling after the head).
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
@@ -188,8 +183,8 @@ def _batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
 
 @torch.no_grad()
 def loglik(model, requests, batch_tokens: int = 4096, token_logprobs: bool = False,
-           on_rows: RowsCallback | None = None, shared_context: bool | str = False,
-           desc: str = "loglik", on_forward: Callable[[], None] | None = None) -> list[LoglikResult]:
+           on_rows: RowsCallback | None = None, desc: str = "loglik",
+           on_forward: Callable[[], None] | None = None) -> list[LoglikResult]:
     """Summed log-probability, token count and greedy match of each continuation given its context.
 
     requests: [(context token ids, continuation token ids)], lists or 1-D tensors.
@@ -197,11 +192,6 @@ def loglik(model, requests, batch_tokens: int = 4096, token_logprobs: bool = Fal
     token_logprobs: also return each continuation token's log-probability.
     on_rows: called with every chunk of scored rows (see RowsCallback).
     on_forward: called after every forward pass (counts them).
-    shared_context: run each distinct context once and its continuations against its KV cache;
-        "auto" does so when at least two requests share a context and the architecture supports it.
-        Off by default: measured on SmolLM2 bf16 / PIQA (contexts ~10 tokens, choices ~25), it saves
-        little, and in bf16 the cached path rounds differently from full sequences, which flipped a
-        near-tie prediction (1 of 30 items); in fp32 both agree to 1e-5 (tests).
     """
     if batch_tokens < 1:
         raise LmsqueezeError(f"batch_tokens must be >= 1, got {batch_tokens}")
@@ -211,31 +201,13 @@ def loglik(model, requests, batch_tokens: int = 4096, token_logprobs: bool = Fal
         # gathered in rank order, so every rank returns the single-process list
         start, stop = _ddp.shard_bounds(len(reqs))
         with _ddp.local():
-            mine = loglik(model, reqs[start:stop], batch_tokens, token_logprobs, None, shared_context, desc,
-                          on_forward)
+            mine = loglik(model, reqs[start:stop], batch_tokens, token_logprobs, None, desc, on_forward)
         return _ddp.gather_concat(mine, what=f"gather of {desc} results")
     scorer = _Scorer(model, len(reqs), token_logprobs, on_rows)
     if not reqs:
         return []
-    use_shared = _want_shared(model, reqs, shared_context)
-    if use_shared:
-        _run_shared(model, reqs, scorer, batch_tokens, desc, on_forward)
-    else:
-        _run_full(model, reqs, scorer, batch_tokens, desc, on_forward)
+    _run_full(model, reqs, scorer, batch_tokens, desc, on_forward)
     return scorer.results(reqs)
-
-
-def _want_shared(model, reqs, shared_context) -> bool:
-    if shared_context is False:
-        return False
-    supported = getattr(model.config, "model_type", None) in SHARED_CONTEXT_ARCHS
-    if shared_context is True and not supported:
-        log.info("shared-context scoring is not supported for %s; using full sequences",
-                 getattr(model.config, "model_type", "?"))
-        return False
-    if shared_context == "auto":
-        return supported and len({tuple(c) for c, _ in reqs}) < len(reqs)
-    return supported
 
 
 def _pad_id(model) -> int:
@@ -268,62 +240,4 @@ def _run_full(model, reqs, scorer: _Scorer, batch_tokens: int, desc: str, on_for
         if on_forward is not None:
             on_forward()
         rows = hidden[torch.tensor(bi, device=dev), torch.tensor(ti, device=dev)]
-        scorer.score(rows, torch.tensor(tg), torch.tensor(ow), torch.tensor(ps))
-
-
-def _run_shared(model, reqs, scorer: _Scorer, batch_tokens: int, desc: str, on_forward=None) -> None:
-    """Contexts once with a KV cache, then every continuation against its context's cache rows."""
-    dev = _device(model)
-    groups: dict[tuple, list[int]] = {}
-    for i, (ctx, _) in enumerate(reqs):
-        groups.setdefault(tuple(ctx), []).append(i)
-    keys = list(groups)
-    # cost of a group: its context once plus its continuations (all padded to the longest)
-    cost = [len(k) + sum(len(reqs[i][1]) for i in groups[k]) for k in keys]
-    pad = _pad_id(model)
-    for batch in progress(_batches(cost, batch_tokens), desc=desc, unit="batch"):
-        ctxs = [list(keys[g]) for g in batch]
-        Lc = max(len(c) for c in ctxs)
-        ids = torch.full((len(batch), Lc), pad, dtype=torch.long)
-        cmask = torch.zeros((len(batch), Lc), dtype=torch.long)
-        for b, c in enumerate(ctxs):
-            ids[b, :len(c)] = torch.tensor(c)
-            cmask[b, :len(c)] = 1
-        hidden, out = _forward_rows(model, ids.to(dev), cmask.to(dev), use_cache=True)
-        if on_forward is not None:
-            on_forward()
-        members = [(b, r) for b, g in enumerate(batch) for r in groups[keys[g]]]
-        # first continuation token of every member: predicted at the context's last position
-        first_b = torch.tensor([b for b, _ in members], device=dev)
-        first_t = torch.tensor([len(ctxs[b]) - 1 for b, _ in members], device=dev)
-        scorer.score(hidden[first_b, first_t], torch.tensor([reqs[r][1][0] for _, r in members]),
-                     torch.tensor([r for _, r in members]), torch.zeros(len(members), dtype=torch.long))
-        rest = [(b, r) for b, r in members if len(reqs[r][1]) > 1]
-        if not rest:
-            continue
-        Lx = max(len(reqs[r][1]) - 1 for _, r in rest)
-        xids = torch.full((len(rest), Lx), pad, dtype=torch.long)
-        xmask = torch.zeros((len(rest), Lx), dtype=torch.long)
-        for n, (b, r) in enumerate(rest):
-            seq = reqs[r][1][:-1]
-            xids[n, :len(seq)] = torch.tensor(seq)
-            xmask[n, :len(seq)] = 1
-        sel = torch.tensor([b for b, _ in rest], device=dev)
-        cache = out.past_key_values
-        cache.batch_select_indices(sel)
-        ctx_len = torch.tensor([len(ctxs[b]) for b, _ in rest], device=dev)
-        pos = ctx_len[:, None] + torch.arange(Lx, device=dev)[None, :]
-        full_mask = torch.cat([cmask.to(dev)[sel], xmask.to(dev)], dim=1)
-        xhidden, _ = _forward_rows(model, xids.to(dev), full_mask, past_key_values=cache, position_ids=pos,
-                                   cache_position=torch.arange(Lc, Lc + Lx, device=dev), use_cache=False)
-        bi, ti, tg, ow, ps = [], [], [], [], []
-        for n, (_, r) in enumerate(rest):
-            cont = reqs[r][1]
-            k = len(cont) - 1
-            bi += [n] * k
-            ti += range(k)
-            tg += cont[1:]
-            ow += [r] * k
-            ps += range(1, k + 1)
-        rows = xhidden[torch.tensor(bi, device=dev), torch.tensor(ti, device=dev)]
         scorer.score(rows, torch.tensor(tg), torch.tensor(ow), torch.tensor(ps))
