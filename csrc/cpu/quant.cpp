@@ -261,8 +261,9 @@ using RowFn = void (*)(const uint8_t*, const float*, const uint8_t*, const float
 RowFn pick_row(Isa isa, int bits, int nb) {
   static const RowFn a512_4[kTile] = LMSQ_ROW_TABLE(row_avx512, 4);
   static const RowFn a512_8[kTile] = LMSQ_ROW_TABLE(row_avx512, 8);
-  static const RowFn a2_4[kTile] = LMSQ_ROW_TABLE(row_avx2, 4);
-  static const RowFn a2_8[kTile] = LMSQ_ROW_TABLE(row_avx2, 8);
+  // AVX2: 16 registers; tiles of at most 4 rows, 2 chunks in flight for 1-2 rows (acc + lo/hi fit)
+  static const RowFn a2_4[4] = {row_avx2<1, 2, 4>, row_avx2<2, 1, 4>, row_avx2<3, 1, 4>, row_avx2<4, 1, 4>};
+  static const RowFn a2_8[4] = {row_avx2<1, 2, 8>, row_avx2<2, 1, 8>, row_avx2<3, 1, 8>, row_avx2<4, 1, 8>};
   if (isa == kAvx512) return (bits == 4 ? a512_4 : a512_8)[nb - 1];
   return (bits == 4 ? a2_4 : a2_8)[nb - 1];
 }
@@ -355,6 +356,77 @@ S24RowFn pick_s24_row(int nb) {
   return table[nb - 1];
 }
 
+// ---- 2:4 + 4-bit, AVX2: 32 columns a chunk (8 groups, 16 kept values = 8 bytes, 2 meta words) --------
+template <int NB>
+__attribute__((target("avx2,fma"), always_inline)) inline void s24_chunk_avx2(
+    const uint8_t* __restrict__ qb,   // [in/4] codes of one output row's kept values
+    const uint16_t* __restrict__ mw,  // [in/16] meta words
+    const float* __restrict__ xb,     // [NB, in] kernel order: per 32-column chunk x_r[l] = x[4l + r] at 8r + l
+    int64_t in, int64_t jj, __m256i zv, __m256 (&acc)[NB][2]) {
+  const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + jj / 4)));
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(d, _mm256_set1_epi32(15)), zv));
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(d, 4), zv));
+  uint32_t m32;
+  std::memcpy(&m32, mw + jj / 16, 4);
+  const __m256i nib = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(m32)),
+                                        _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+  // blendv reads the sign bit: move each meta bit there (i0: bits 0-1, i1: bits 2-3 of the nibble)
+  const __m256 a0 = _mm256_castsi256_ps(_mm256_slli_epi32(nib, 31)), a1 = _mm256_castsi256_ps(_mm256_slli_epi32(nib, 30));
+  const __m256 b0 = _mm256_castsi256_ps(_mm256_slli_epi32(nib, 29)), b1 = _mm256_castsi256_ps(_mm256_slli_epi32(nib, 28));
+  for (int t = 0; t < NB; ++t) {
+    const float* xr = xb + t * in + jj;
+    const __m256 x0 = _mm256_loadu_ps(xr), x1 = _mm256_loadu_ps(xr + 8), x2 = _mm256_loadu_ps(xr + 16),
+                 x3 = _mm256_loadu_ps(xr + 24);
+    const __m256 xl = _mm256_blendv_ps(_mm256_blendv_ps(x0, x1, a0), x2, a1);
+    const __m256 xh = _mm256_blendv_ps(x1, _mm256_blendv_ps(x2, x3, b0), b1);
+    acc[t][0] = _mm256_fmadd_ps(lo, xl, acc[t][0]);
+    acc[t][1] = _mm256_fmadd_ps(hi, xh, acc[t][1]);
+  }
+}
+
+template <int NB>
+__attribute__((target("avx2,fma"))) void row_s24_avx2(
+    const uint8_t* __restrict__ qb,   // [in/4]
+    const uint16_t* __restrict__ mw,  // [in/16]
+    const float* __restrict__ sc,     // [ngroups]
+    const uint8_t* __restrict__ zp,   // [ngroups]
+    const float* __restrict__ xb,     // [NB, in] kernel order (32-column chunks)
+    int64_t in, int64_t gs, int64_t ngroups, float* __restrict__ res) {  // res [NB]
+  __m256 yacc[NB];
+  float ysc[NB];
+  for (int t = 0; t < NB; ++t) yacc[t] = _mm256_setzero_ps(), ysc[t] = 0.0f;
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const int64_t c0 = g * gs, c1 = std::min(c0 + gs, in);
+    const int z = zp[g];
+    const __m256i zv = _mm256_set1_epi32(z);
+    __m256 acc[NB][2];
+    for (int t = 0; t < NB; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    int64_t j = c0;
+    for (; j + 32 <= c1; j += 32) s24_chunk_avx2<NB>(qb, mw, xb, in, j, zv, acc);
+    float tail[NB];
+    for (int t = 0; t < NB; ++t) tail[t] = 0.0f;
+    for (int64_t k = j; k < c1; k += 4) {  // whole groups of 4 (c1 - j is a multiple of 16)
+      const int64_t grp = k / 4;
+      const unsigned code = (mw[grp / 4] >> (4 * (grp % 4))) & 15u;
+      const float q0 = static_cast<float>(code_at(qb, 2 * grp, 4) - z);
+      const float q1 = static_cast<float>(code_at(qb, 2 * grp + 1, 4) - z);
+      for (int t = 0; t < NB; ++t) tail[t] += q0 * xb[t * in + k + (code & 3u)] + q1 * xb[t * in + k + (code >> 2)];
+    }
+    const float s = sc[g];
+    const __m256 sv = _mm256_set1_ps(s);
+    for (int t = 0; t < NB; ++t) {
+      yacc[t] = _mm256_fmadd_ps(sv, _mm256_add_ps(acc[t][0], acc[t][1]), yacc[t]);
+      ysc[t] += s * tail[t];
+    }
+  }
+  for (int t = 0; t < NB; ++t) res[t] = hsum256(yacc[t]) + ysc[t];
+}
+
+S24RowFn pick_s24_row_avx2(int nb) {
+  static const S24RowFn table[4] = {row_s24_avx2<1>, row_s24_avx2<2>, row_s24_avx2<3>, row_s24_avx2<4>};
+  return table[nb - 1];
+}
+
 void row_s24_generic(const uint8_t* __restrict__ qb,   // [in/4]
                      const uint16_t* __restrict__ mw,  // [in/16]
                      const float* __restrict__ sc,     // [ngroups]
@@ -379,18 +451,19 @@ void row_s24_generic(const uint8_t* __restrict__ qb,   // [in/4]
   }
 }
 
-// x for the 2:4 kernel: fp32, per group the whole 64-column chunks transposed (x_r[l] = x[4l + r] at 16r + l).
+// x for the 2:4 kernel: fp32, per group the whole C-column chunks transposed (x_r[l] = x[4l + r] at (C/4) r + l);
+// C = 64 (AVX-512), 32 (AVX2) or 0 (natural order).
 template <typename T>
 void build_x_s24(const T* __restrict__ x,  // [rows, in], row stride sx
-                 int64_t sx, int64_t rows, int64_t in, int64_t gs, bool chunked,
+                 int64_t sx, int64_t rows, int64_t in, int64_t gs, int64_t C,
                  float* __restrict__ xb) {  // [rows, in]
   const int64_t ngroups = (in + gs - 1) / gs;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t g = 0; g < ngroups; ++g) {
-      const int64_t c0 = g * gs, c1 = std::min(c0 + gs, in), full = chunked ? (c1 - c0) / 64 * 64 : 0;
+      const int64_t c0 = g * gs, c1 = std::min(c0 + gs, in), full = C ? (c1 - c0) / C * C : 0;
       for (int64_t j = c0; j < c1; ++j) {
         const int64_t u = j - c0;
-        const int64_t dst = u < full ? c0 + (u / 64) * 64 + 16 * (u % 4) + (u % 64) / 4 : j;
+        const int64_t dst = u < full ? c0 + (u / C) * C + (C / 4) * (u % 4) + (u % C) / 4 : j;
         xb[r * in + dst] = static_cast<float>(x[r * sx + j]);
       }
     }
@@ -515,12 +588,13 @@ torch::Tensor quant_matmul_cpu(const torch::Tensor& x_in, const torch::Tensor& q
   const float* xbp = xb.data_ptr<float>();
   const float* xsp = xs.data_ptr<float>();
   float* yp = yf.data_ptr<float>();
+  const int tile = isa == kAvx512 ? kTile : 4;  // AVX2 has 16 vector registers
   parallel_rows(out, rows * in, [&](int64_t o0, int64_t o1) {
     float res[kTile];
     for (int64_t o = o0; o < o1; ++o) {
       const uint8_t* q = qb + o * row_bytes;
-      for (int64_t b = 0; b < rows; b += kTile) {
-        const int nb = static_cast<int>(std::min<int64_t>(kTile, rows - b));
+      for (int64_t b = 0; b < rows; b += tile) {
+        const int nb = static_cast<int>(std::min<int64_t>(tile, rows - b));
         if (isa == kGeneric)
           row_generic(q, sp + o * ngroups, zp + o * ngroups, xbp + b * in, xsp + b * ngroups, nb, in, group_size,
                       ngroups, static_cast<int>(bits), res);
@@ -592,12 +666,14 @@ torch::Tensor sparse24_quant_matmul_cpu(const torch::Tensor& x_in, const torch::
     return y;
   }
 
-  const bool avx512 = active_isa() == kAvx512;
+  const Isa isa = active_isa();
+  const int64_t C = isa == kAvx512 ? 64 : isa == kAvx2 ? 32 : 0;
+  const int tile = isa == kAvx512 ? kTile : 4;  // AVX2 has 16 vector registers
   torch::Tensor xb = torch::empty({rows, in}, x.options().dtype(torch::kFloat32));
   if (dtype == torch::kFloat32)
-    build_x_s24(x.data_ptr<float>(), x.stride(0), rows, in, group_size, avx512, xb.data_ptr<float>());
+    build_x_s24(x.data_ptr<float>(), x.stride(0), rows, in, group_size, C, xb.data_ptr<float>());
   else
-    build_x_s24(x.data_ptr<c10::BFloat16>(), x.stride(0), rows, in, group_size, avx512, xb.data_ptr<float>());
+    build_x_s24(x.data_ptr<c10::BFloat16>(), x.stride(0), rows, in, group_size, C, xb.data_ptr<float>());
   torch::Tensor yf = torch::empty({rows, out}, x.options().dtype(torch::kFloat32));
   const float* xbp = xb.data_ptr<float>();
   float* yp = yf.data_ptr<float>();
@@ -606,10 +682,12 @@ torch::Tensor sparse24_quant_matmul_cpu(const torch::Tensor& x_in, const torch::
     for (int64_t o = o0; o < o1; ++o) {
       const uint8_t* q = qb + o * (in / 4);
       const uint16_t* m = mp + o * (in / 16);
-      for (int64_t b = 0; b < rows; b += kTile) {
-        const int nb = static_cast<int>(std::min<int64_t>(kTile, rows - b));
-        if (avx512)
+      for (int64_t b = 0; b < rows; b += tile) {
+        const int nb = static_cast<int>(std::min<int64_t>(tile, rows - b));
+        if (isa == kAvx512)
           pick_s24_row(nb)(q, m, sp + o * ngroups, zp + o * ngroups, xbp + b * in, in, group_size, ngroups, res);
+        else if (isa == kAvx2)
+          pick_s24_row_avx2(nb)(q, m, sp + o * ngroups, zp + o * ngroups, xbp + b * in, in, group_size, ngroups, res);
         else
           row_s24_generic(q, m, sp + o * ngroups, zp + o * ngroups, xbp + b * in, nb, in, group_size, ngroups, res);
         for (int t = 0; t < nb; ++t) yp[(b + t) * out + o] = res[t];
