@@ -21,3 +21,11 @@ __all__ += ["Divergence", "token_divergence", "token_divergence_ref", "token_div
 from lmsqueeze.kernels.obs import PruneSpec, QuantSpec, find_params, obs_update, obs_update_ref, quantize, quantize_rtn  # noqa: E402
 
 __all__ += ["PruneSpec", "QuantSpec", "find_params", "obs_update", "obs_update_ref", "quantize", "quantize_rtn"]
+from lmsqueeze.kernels.quant import (  # noqa: E402
+    QuantWeight, Sparse24QuantWeight, dequantize, quant_matmul, quant_matmul_ref, quant_pack, quant_pack_codes,
+    sparse24_quant_matmul, sparse24_quant_matmul_ref, sparse24_quant_pack, sparse24_quant_pack_codes,
+)
+
+__all__ += ["QuantWeight", "Sparse24QuantWeight", "dequantize", "quant_matmul", "quant_matmul_ref", "quant_pack",
+            "quant_pack_codes", "sparse24_quant_matmul", "sparse24_quant_matmul_ref", "sparse24_quant_pack",
+            "sparse24_quant_pack_codes"]
