@@ -70,13 +70,9 @@ def _load(name: str, dtype, device):
 
 def _load_tokenizer(name: str):
     """The tokenizer of a model named on the command line, without loading its weights."""
-    from lmsqueeze import models
+    from lmsqueeze.models import load_tokenizer
 
-    if hasattr(models, "load_tokenizer"):
-        return models.load_tokenizer(name)
-    if name in models.TINY:
-        return models.byte_tokenizer()
-    return _load(name, "fp32", "cpu")[1]
+    return load_tokenizer(name)
 
 
 def load_tasks(tasks, opts: EvalOptions, suite: str | None, has_base: bool, skip_unavailable: bool):

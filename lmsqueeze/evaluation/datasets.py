@@ -38,10 +38,6 @@ def jsonl_records(path: str | Path, what: str = "JSONL file"):
                 raise LmsqueezeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [rec for _, rec in jsonl_records(path)]
-
-
 def bbq_items(data_dir=None, categories: list[str] | None = None) -> list[dict]:
     """BBQ items of every `<Category>.jsonl` in the bbq folder (or only `categories`)."""
     folder = find_dataset("bbq", data_dir)
@@ -53,7 +49,7 @@ def bbq_items(data_dir=None, categories: list[str] | None = None) -> list[dict]:
         if unknown:
             raise LmsqueezeError(f"unknown BBQ categories {unknown}; present: {', '.join(files)}")
         files = {c: files[c] for c in categories}
-    return [item for p in files.values() for item in _jsonl(p)]
+    return [item for p in files.values() for item in [rec for _, rec in jsonl_records(p)]]
 
 
 def crows_pairs(data_dir=None) -> list[dict]:

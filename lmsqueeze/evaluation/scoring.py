@@ -1,13 +1,12 @@
-"""Text scorers for generated answers against a reference, implemented here (no external packages).
+"""Text scorers for generated answers against a reference.
 
 - Exact Match and token F1 use SQuAD's normalisation: lower-case, drop punctuation, drop the
   articles a/an/the, collapse whitespace. F1 is the harmonic mean of token precision and recall
   over the multiset of shared tokens; two empty strings score 1.
-- ROUGE-1 F and ROUGE-L F tokenise like the reference ROUGE scorer does by default: lower-case,
-  every run of characters other than a-z and 0-9 is a separator, no stemming. ROUGE-1 F is the F1
-  of unigram overlap (clipped counts); ROUGE-L F uses the longest common subsequence:
-  P = LCS/len(pred), R = LCS/len(ref), F = 2PR/(P+R). Empty against empty scores 1, empty against
-  non-empty 0.
+- ROUGE-1 F and ROUGE-L F come from Google's `rouge-score` package (the reference implementation;
+  default tokenizer: lower-case, every run of characters other than a-z and 0-9 separates, no
+  stemming): ROUGE-1 F is the F1 of clipped unigram overlap, ROUGE-L F that of the longest common
+  subsequence. Empty against empty scores 1 here (the package says 0), empty against non-empty 0.
 """
 from __future__ import annotations
 
@@ -47,38 +46,26 @@ def token_f1(pred: str, ref: str) -> float:
     return _f1(normalize_answer(pred).split(), normalize_answer(ref).split())
 
 
-def rouge_tokens(s: str) -> list[str]:
-    return [t for t in _ROUGE_SPLIT.split(s.lower()) if t]
+_ROUGE = None
 
 
-def rouge1(pred: str, ref: str) -> float:
-    return _f1(rouge_tokens(pred), rouge_tokens(ref))
+def _rouge():
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+    return _ROUGE
 
 
-def lcs_length(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence, O(len(a) * len(b)) time, O(len(b)) memory."""
-    if not a or not b:
-        return 0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(pred: str, ref: str) -> float:
-    p_t, r_t = rouge_tokens(pred), rouge_tokens(ref)
-    if not p_t and not r_t:
-        return 1.0
-    lcs = lcs_length(p_t, r_t)
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(p_t), lcs / len(r_t)
-    return 2 * p * r / (p + r)
+def rouge(pred: str, ref: str) -> tuple[float, float]:
+    """(ROUGE-1 F, ROUGE-L F) of a prediction against its reference."""
+    scores = _rouge().score(ref, pred)
+    if not scores["rouge1"].precision and not scores["rouge1"].recall and not _ROUGE_SPLIT.sub("", (pred + ref).lower()):
+        return 1.0, 1.0  # both empty (no tokens): the same answer
+    return scores["rouge1"].fmeasure, scores["rougeL"].fmeasure
 
 
 def score_all(pred: str, ref: str) -> dict:
-    return {"em": exact_match(pred, ref), "f1": token_f1(pred, ref), "rouge1": rouge1(pred, ref),
-            "rougeL": rouge_l(pred, ref)}
+    r1, rl = rouge(pred, ref)
+    return {"em": exact_match(pred, ref), "f1": token_f1(pred, ref), "rouge1": r1, "rougeL": rl}

@@ -195,12 +195,6 @@ def estimate(stat: Stat, cols: dict, base_cols: dict | None = None, strata: Sequ
     return out
 
 
-def per_item_metrics(metrics: dict[str, Stat], cols: dict, base_cols: dict | None, strata=None,
-                     resamples: int = RESAMPLES, seed: int = 0) -> dict:
-    """estimate() of every named statistic over the same columns."""
-    return {name: estimate(fn, cols, base_cols, strata, resamples, seed) for name, fn in metrics.items()}
-
-
 def stratified_sample(items: list, key: Callable, limit: int | None, seed: int = 0,
                       allocation: str = "proportional") -> list:
     """At most `limit` items spread over the strata given by `key`, drawn at random with `seed`

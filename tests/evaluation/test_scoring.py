@@ -1,6 +1,6 @@
 import pytest
 
-from lmsqueeze.evaluation.scoring import exact_match, lcs_length, normalize_answer, rouge1, rouge_l, token_f1
+from lmsqueeze.evaluation.scoring import exact_match, normalize_answer, rouge, score_all, token_f1
 
 
 def test_squad_normalisation_and_em():
@@ -19,13 +19,13 @@ def test_token_f1_hand_computed():
 
 def test_rouge1_hand_computed():
     # tokens: pred [the, cat, is, on, the, mat], ref [the, cat, sat, on, the, mat]: overlap 5 of 6 each
-    assert rouge1("The cat is on the mat.", "the cat sat on the mat") == pytest.approx(5 / 6)
+    assert rouge("The cat is on the mat.", "the cat sat on the mat")[0] == pytest.approx(5 / 6)
 
 
 def test_rouge_l_hand_computed():
-    assert lcs_length(list("abcbdab"), list("bdcaba")) == 4
     # pred: police killed the gunman; ref: police kill the gunman -> LCS 3, P = R = 3/4
-    assert rouge_l("police killed the gunman", "police kill the gunman") == pytest.approx(0.75)
+    assert rouge("police killed the gunman", "police kill the gunman")[1] == pytest.approx(0.75)
     # LCS "the gunman" order matters: pred: the gunman police killed (4), ref: police kill the gunman (4) -> LCS 2
-    assert rouge_l("the gunman police killed", "police kill the gunman") == pytest.approx(0.5)
-    assert rouge_l("", "") == 1.0 and rouge_l("", "a") == 0.0
+    assert rouge("the gunman police killed", "police kill the gunman")[1] == pytest.approx(0.5)
+    assert rouge("", "") == (1.0, 1.0) and rouge("", "a") == (0.0, 0.0) and rouge("...", "!") == (1.0, 1.0)
+    assert score_all("Paris.", "paris") == {"em": 1.0, "f1": 1.0, "rouge1": 1.0, "rougeL": 1.0}
