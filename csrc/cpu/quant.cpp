@@ -20,7 +20,11 @@
 //   (z cannot be folded into a per-group x sum: which x meet the kept values differs per row);
 //   x is stored per chunk as 4 vectors x_r[l] = x[4l + r] (position r in group l) and the kept
 //   positions pick among them with 2 masked blends per vector (masks from the meta nibbles by
-//   vptestmd), so one chunk costs 4 blends + 2 FMAs per row of x.
+//   vptestmd), so one chunk costs 4 blends + 2 FMAs per row of x. AVX2 does the same on 32-column
+//   chunks (8 groups, 8 bytes of codes) with vblendvps on the meta bits shifted into the sign bit.
+// The dev machine of this commit (AMD EPYC, 2 cores) has AVX2 but no AVX-512: the AVX-512 paths are
+// compiled and written to the same layouts, but only the AVX2 and generic paths were run there
+// (tests/kernels/test_quant.py runs whichever the machine has, and caps the ISA to reach the others).
 // Accumulation is fp32 throughout (products of small integers and x are exact in fp32; only the
 // summation order differs from the reference). No VNNI int8 dot products: they would need x
 // quantized per row to int8, an error we do not want in a kernel that claims to match the
