@@ -266,3 +266,36 @@ def test_cli_prints_sizes_and_writes_gptq(tmp_path, capsys):
     bits = sum(4 * o * i + (16 + 4) * o * i // 32 + 32 * i for o, i in shapes) / sum(o * i for o, i in shapes)
     assert meta["save_format"] == "gptq" and meta["sizes"]["bits_per_weight"] == pytest.approx(bits)
     assert "quant_method gptq" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_smollm2_rtn4_packed_sizes_and_read_back(tmp_path):
+    """SmolLM2 RTN 4-bit g64: the packed file's size, and its logits read back by compressed-tensors alone."""
+    pytest.importorskip("compressed_tensors")
+    from lmsqueeze.models import load_model
+
+    model, tok = load_model("smollm2-135m", dtype="bf16")
+    grids = {}
+    report = compress(model, make_config("rtn", bits=4, group_size=64), None, measure_error=False, grids=grids)
+    meta = save_compressed(model, tok, tmp_path / "ct", report, grids=grids)
+    s = meta["sizes"]
+    # 4-bit codes + a bf16 scale and a 4-bit zero per 64 weights: 4.31 bits per weight in the linear modules;
+    # the tied bf16 embedding (28.3M of the 134.5M parameters) stays as it is, so the file is ~42% of bf16
+    assert s["bits_per_weight"] == pytest.approx(4 + (16 + 4) / 64)
+    assert s["fraction_of_bf16"] < 0.45 and s["compressed_modules"] == 30 * 7
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog and keeps on running.")["input_ids"]])
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_WITHOUT_LMSQUEEZE.replace('"model.layers.1.mlp.down_proj.weight"',
+                                                     '"model.layers.29.mlp.down_proj.weight"'))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ids.pt"), str(tmp_path / "ct")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "ct" / "read_back.pt")
+    with torch.no_grad():
+        want = model(ids).logits.float()
+    # the stored scales are bf16 (the model dtype): each weight within one bf16 rounding of the fake-quantized one
+    w_mem = model.model.layers[29].mlp.down_proj.weight.detach().float()
+    assert bool(((got["down_proj"] - w_mem).abs() <= w_mem.abs() * 2 ** -7 + 1e-8).all())
+    assert float((got["logits"] - want).abs().max()) < 0.5 and bool((got["logits"].argmax(-1) == want.argmax(-1)).float().mean() > 0.9)
