@@ -36,12 +36,14 @@ def prompt_ids(backend, record: dict) -> list[int]:
 
 
 def reference_requests(backend, records: list[dict]) -> list[tuple[list[int], list[int]]]:
-    reqs = []
+    """(prompt ids, reference ids) per record; a reference longer than half the model's positions is cut to
+    that length (its NLL is then over the first half-window; `cut_references` counts them)."""
+    reqs, keep = [], (backend.max_len // 2 if backend.max_len else None)
     for i, r in enumerate(records):
         ref = backend.encode(r["output"])
         if not ref:
             raise LmsqueezeError(f"instruction record {i} has an empty reference output")
-        reqs.append((prompt_ids(backend, r), ref))
+        reqs.append((prompt_ids(backend, r), ref[:keep] if keep else ref))
     return reqs
 
 
@@ -97,7 +99,9 @@ class AlpacaTask(Task):
         metrics["reference_nll"] = estimate(reference_nll, cols, bcols, **kw)
         summary = {k: metrics[k]["value"] for k in (*TEXT_METRICS, "reference_nll")}
         summary.update(items=len(items), max_new_tokens=self.opts.max_new_tokens, truncated_prompts=gen.truncated,
-                       chat_template=backend.has_chat_template())
+                       chat_template=backend.has_chat_template(),
+                       cut_references=sum(len(backend.encode(r["output"])) > len(c) for r, (_, c) in
+                                          zip(self.records, reqs)))
         if per_tok is not None:
             sums = divergence.request_sums(per_tok, reqs)
             for i, item in enumerate(items):
