@@ -27,14 +27,15 @@ The rules, once, for every task:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from lmsqueeze import distributed as _ddp
 from lmsqueeze.errors import LmsqueezeError
-from lmsqueeze.evaluation.loglik import LoglikResult, _max_len, loglik as _loglik
+from lmsqueeze.evaluation.loglik import LoglikResult, _max_len
+from lmsqueeze.evaluation.loglik import loglik as _loglik
 from lmsqueeze.progress import progress
 
 log = logging.getLogger("lmsqueeze")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import stats as _sps
