@@ -78,19 +78,29 @@ def _time(fn, min_seconds: float = 0.05, reps: int = 5) -> float:
 
 
 def _operands(fmt: tuple, out: int, cols: int, dtype, device):
-    """Random (dense W, packed) for this format and shape; one shape kept at a time."""
+    """Random (dense W, packed) for this format and shape; one shape kept at a time.
+
+    The packed weight is random words, not quant_pack of W: the kernels read the same bytes whatever
+    the codes, and packing a 32000x4096 head took a minute of the first generate on the dev machine."""
     key = (fmt, out, cols, dtype, device.type)
     if key not in _OPERANDS:
         _OPERANDS.clear()
         g = torch.Generator().manual_seed(0)
-        W = torch.randn(out, cols, generator=g)
         kind, bits, gs = fmt
+        ngroups = -(-cols // gs)
+        scales = torch.rand(out, ngroups, generator=g) + 0.5
+        zeros = torch.randint(0, 2 ** bits, (out, ngroups), generator=g, dtype=torch.int32).to(torch.uint8)
         if kind == "sparse24_quant":
-            W[:, 1::2] = 0  # any 2:4 pattern reads the same bytes
-            packed = sparse24_quant_pack(W, bits=bits, group_size=gs)
+            qvalues = torch.randint(-2 ** 31, 2 ** 31 - 1, (out, cols // 16), generator=g, dtype=torch.int32)
+            # any 2:4 pattern reads the same bytes: keep positions 0 and 2 of every group (code 0b1000)
+            meta = torch.full((out, cols // 16), 0x8888 - 65536, dtype=torch.int16)
+            packed = Sparse24QuantWeight(qvalues, meta, scales, zeros, (out, cols), bits, gs, False)
         else:
-            packed = quant_pack(W, bits=bits, group_size=gs)
-        _OPERANDS[key] = (W.to(device=device, dtype=dtype), packed.to(device))
+            qweight = torch.randint(-2 ** 31, 2 ** 31 - 1, (out, -(-cols * bits // 32)), generator=g,
+                                    dtype=torch.int32)
+            packed = QuantWeight(qweight, scales, zeros, None, None, (out, cols), bits, gs, False)
+        W = torch.randn(out, cols, generator=g).to(dtype)
+        _OPERANDS[key] = (W.to(device), packed.to(device))
     return _OPERANDS[key]
 
 
