@@ -16,7 +16,19 @@ from pathlib import Path
 from lmsqueeze.errors import LmsqueezeError
 
 
+def umask() -> int:
+    """The process's umask (read by setting and restoring it: os has no getter)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as JSON to a temporary file beside `path`, then rename it into place.
+
+    mkstemp creates its file 0600; the finished file gets the mode a plain open() would give under the
+    user's umask (0644 under the usual 022), so a colleague or a server running as another user can read
+    the report."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -24,6 +36,7 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, default=str)
             f.write("\n")
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

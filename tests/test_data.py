@@ -126,3 +126,23 @@ def test_calibration_batches_takes_text_read_before(tok):
     text = data.load_text("pydoc")
     assert torch.equal(data.calibration_batches(tok, "pydoc", 4, 32, seed=1, text=text),
                        data.calibration_batches(tok, "pydoc", 4, 32, seed=1))
+
+
+def test_write_json_atomic_gets_umask_permissions(tmp_path):
+    """mkstemp makes 0600 files: a JSON report must be readable as a plain open() would leave it (issue 16,
+    the sibling of item 8 in the atomic writers)."""
+    import os
+
+    from lmsqueeze.io import write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "r.json", {"a": 1})
+        assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        write_json_atomic(tmp_path / "private.json", {"a": 1})
+        assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
