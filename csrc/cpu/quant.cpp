@@ -137,7 +137,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void row_avx512(
   float ysc[NB];
   for (int t = 0; t < NB; ++t) yacc[t] = _mm512_setzero_ps(), ysc[t] = 0.0f;
   for (int64_t g = 0; g < ngroups; ++g) {
+  const int64_t row_bytes = (in * BITS + 31) / 32 * 4;  // next output row
     const int64_t c0 = g * gs, c1 = std::min(c0 + gs, in);
+    // the next output row's bytes of this group, one row (in * bits / 8 bytes) ahead of the loads
+    for (int64_t p = c0 * BITS / 8; p < (c1 * BITS + 7) / 8; p += 64) _mm_prefetch(reinterpret_cast<const char*>(qb + row_bytes + p), _MM_HINT_T0);
     __m512 acc[NB][2 * U];
     for (int t = 0; t < NB; ++t)
       for (int u = 0; u < 2 * U; ++u) acc[t][u] = _mm512_setzero_ps();
@@ -212,7 +215,10 @@ __attribute__((target("avx2,fma"))) void row_avx2(
   float ysc[NB];
   for (int t = 0; t < NB; ++t) yacc[t] = _mm256_setzero_ps(), ysc[t] = 0.0f;
   for (int64_t g = 0; g < ngroups; ++g) {
+  const int64_t row_bytes = (in * BITS + 31) / 32 * 4;  // next output row
     const int64_t c0 = g * gs, c1 = std::min(c0 + gs, in);
+    // the next output row's bytes of this group, one row (in * bits / 8 bytes) ahead of the loads
+    for (int64_t p = c0 * BITS / 8; p < (c1 * BITS + 7) / 8; p += 64) _mm_prefetch(reinterpret_cast<const char*>(qb + row_bytes + p), _MM_HINT_T0);
     __m256 acc[NB][2 * U];
     for (int t = 0; t < NB; ++t)
       for (int u = 0; u < 2 * U; ++u) acc[t][u] = _mm256_setzero_ps();
@@ -320,6 +326,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void row_s24_avx512(
   for (int t = 0; t < NB; ++t) ysc[t] = 0.0f;
   for (int64_t g = 0; g < ngroups; ++g) {
     const int64_t c0 = g * gs, c1 = std::min(c0 + gs, in);
+    // the next output row's codes and meta of this group, one row ahead of the loads
+    for (int64_t p = c0 / 4; p < c1 / 4; p += 64) _mm_prefetch(reinterpret_cast<const char*>(qb + in / 4 + p), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(mw + in / 16 + c0 / 16), _MM_HINT_T0);
     const int z = zp[g];
     const __m512i zv = _mm512_set1_epi32(z);
     __m512 acc[NB][2 * U];
@@ -401,6 +410,9 @@ __attribute__((target("avx2,fma"))) void row_s24_avx2(
   for (int t = 0; t < NB; ++t) yacc[t] = _mm256_setzero_ps(), ysc[t] = 0.0f;
   for (int64_t g = 0; g < ngroups; ++g) {
     const int64_t c0 = g * gs, c1 = std::min(c0 + gs, in);
+    // the next output row's codes and meta of this group, one row ahead of the loads
+    for (int64_t p = c0 / 4; p < c1 / 4; p += 64) _mm_prefetch(reinterpret_cast<const char*>(qb + in / 4 + p), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(mw + in / 16 + c0 / 16), _MM_HINT_T0);
     const int z = zp[g];
     const __m256i zv = _mm256_set1_epi32(z);
     __m256 acc[NB][2];
