@@ -136,8 +136,13 @@ def _compressed_tensors_checkpoint(directory):
     writes it): config.json carries quant_method compressed-tensors, the weights are packed int32."""
     ct = pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 QuantizationStatus, apply_quantization_config)
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
 
     model, tok = models.load_model("tiny-llama")
     args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=16)
