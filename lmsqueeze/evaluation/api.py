@@ -75,6 +75,15 @@ def _load_tokenizer(name: str):
     return load_tokenizer(name)
 
 
+def _config_of(model):
+    """A named model's config (no weights loaded), or a loaded model itself."""
+    if isinstance(model, (str, os.PathLike)):
+        from lmsqueeze.models import load_config
+
+        return load_config(str(model))
+    return model
+
+
 def load_tasks(tasks, opts: EvalOptions, suite: str | None, has_base: bool, skip_unavailable: bool):
     """(tasks whose items loaded, {task name: why it was skipped})."""
     task_list = parse_tasks(tasks, opts, suite=suite, has_base=has_base)
@@ -125,6 +134,10 @@ def evaluate(model, tokenizer=None, tasks=None, base=None, base_tokenizer=None, 
         raise LmsqueezeError("a loaded model needs its tokenizer: evaluate(model, tokenizer, ...)")
     if isinstance(model, (str, os.PathLike)):
         tokenizer = _load_tokenizer(str(model))
+    for m in (model, base) if base is not None else (model,):
+        shape = _config_of(m)
+        for t in task_list:
+            t.check_model(shape)
 
     base_results, base_info = {}, {}
     if base is not None:

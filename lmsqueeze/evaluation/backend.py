@@ -34,8 +34,9 @@ import torch
 
 from lmsqueeze import distributed as _ddp
 from lmsqueeze.errors import LmsqueezeError
-from lmsqueeze.evaluation.loglik import LoglikResult, _max_len
+from lmsqueeze.evaluation.loglik import LoglikResult
 from lmsqueeze.evaluation.loglik import loglik as _loglik
+from lmsqueeze.models import max_positions
 from lmsqueeze.progress import progress
 
 log = logging.getLogger("lmsqueeze")
@@ -106,7 +107,7 @@ class Backend:
         self.model, self.tokenizer = model, tokenizer
         self.batch_tokens, self.chat_template, self.name = batch_tokens, chat_template, name
         self.start = start_token(tokenizer)
-        self.max_len = _max_len(model)
+        self.max_len = max_positions(model)
         self.forwards = 0  # batches run through the model (the study counts base forwards with it)
 
     # ---- tokenization -----------------------------------------------------------------------------

@@ -139,18 +139,11 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _max_len(model) -> int | None:
-    """The model's position limit (None when it declares none)."""
-    cfg = model.config
-    for a in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
-        if getattr(cfg, a, None):
-            return int(getattr(cfg, a))
-    return None
-
-
 def _check_requests(model, requests) -> list[tuple[list[int], list[int]]]:
     reqs = []
-    limit = _max_len(model)
+    from lmsqueeze.models import max_positions
+
+    limit = max_positions(model)
     for i, (ctx, cont) in enumerate(requests):
         ctx, cont = _as_list(ctx), _as_list(cont)
         if not ctx:

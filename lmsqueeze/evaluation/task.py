@@ -105,6 +105,9 @@ class Task:
         """A hash of the items this task runs on (part of the base cache key)."""
         return ""
 
+    def check_model(self, model_or_config) -> None:
+        """Fail early (before any weights load) when the task's settings cannot fit this model."""
+
     def cache_key(self) -> dict:
         opts = asdict(self.opts)
         return {"task": self.name, "options": {k: opts[k] for k in self.option_keys},

@@ -92,3 +92,17 @@ def test_covered_text_stops_inside_the_text():
     assert covered_text(tok, "héllo", 3) == "hé"          # h, then the two bytes of é
     assert covered_text(tok, "héllo", 2) == "hé"          # a cut inside é: the character is counted once
     assert text_units("hé llo") == (2, 7)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_a_window_longer_than_the_positions_fails_before_any_weights_load(name, monkeypatch):
+    from lmsqueeze import evaluate
+    from lmsqueeze.errors import LmsqueezeError
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded before the check")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    with pytest.raises(LmsqueezeError, match=r"ppl:pydoc: the window \(--eval-seqlen\) is 1024 tokens but the model "
+                                              r"\(\w+\) has 512 positions"):
+        evaluate(name, tasks="ppl:pydoc", seqlen=1024)

@@ -101,6 +101,11 @@ class PerplexityTask(Task):
     def fingerprint(self) -> str:
         return digest([len(self.text), self.text[:4096], self.text[-4096:]])
 
+    def check_model(self, model_or_config) -> None:
+        from lmsqueeze.models import check_sequence_length
+
+        check_sequence_length(model_or_config, self.opts.seqlen, f"{self.name}: the window (--eval-seqlen)")
+
     def windows(self, tokenizer):
         tokens = tokenize_text(tokenizer, self.text)
         wins = windows(tokens, self.opts.seqlen, self.opts.limit)
