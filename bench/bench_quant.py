@@ -32,7 +32,11 @@ from bench.bench_sparse24 import bandwidth_cases, llama7b_shaped, prune_decoder_
 from bench.harness import Case, parser, run
 from lmsqueeze.kernels import nm_mask
 from lmsqueeze.kernels.quant import (
-    dequantize, quant_matmul, quant_pack, sparse24_quant_matmul, sparse24_quant_pack,
+    dequantize,
+    quant_matmul,
+    quant_pack,
+    sparse24_quant_matmul,
+    sparse24_quant_pack,
 )
 from lmsqueeze.kernels.sparse24 import compress, sparse24_matmul
 from lmsqueeze.testing import compare
@@ -66,7 +70,7 @@ def gemv_cases(quick: bool) -> list[Case]:
             group = f"{out}x{cols} batch {batch}"
             params = {"out": out, "in": cols, "batch": batch, "threads": torch.get_num_threads()}
 
-            def checker(Wref):
+            def checker(Wref, x=x):
                 expected = F.linear(x.float(), Wref.float()).to(torch.bfloat16)
                 scale = float(expected.float().abs().max())
                 return lambda y: compare(y.to(torch.bfloat16), expected, atol=BF16_TOL[0] * scale, rtol=BF16_TOL[1])
@@ -106,8 +110,8 @@ def gemv_summary(results: list[dict], dram: float, stat: str = "median_s") -> st
         head += f" {f} ms | speedup | paired | GB/s | % DRAM bw |"
         sep += "---|---|---|---|---|"
     lines = [head, sep]
-    for group, cases in by_group.items():
-        dense = [c for n, c in cases.items() if n.startswith("dense") and stat in c]
+    for cases in by_group.values():
+        dense = [c for c in cases.values() if c["name"].startswith("dense") and stat in c]
         if not dense:
             continue
         best = min(dense, key=lambda c: c[stat])

@@ -29,8 +29,15 @@ from torch import nn
 from lmsqueeze import _ext
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels.quant import (
-    QuantWeight, Sparse24QuantWeight, check_packed, check_sparse24_packed, dequantize, quant_matmul, quant_pack,
-    sparse24_quant_matmul, sparse24_quant_pack,
+    QuantWeight,
+    Sparse24QuantWeight,
+    check_packed,
+    check_sparse24_packed,
+    dequantize,
+    quant_matmul,
+    quant_pack,
+    sparse24_quant_matmul,
+    sparse24_quant_pack,
 )
 from lmsqueeze.kernels.sparse24 import batch_bucket, is_24
 

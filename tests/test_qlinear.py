@@ -10,7 +10,12 @@ from lmsqueeze.kernels import nm_mask
 from lmsqueeze.kernels.quant import dequantize, quant_pack, sparse24_quant_pack
 from lmsqueeze.models import load_model
 from lmsqueeze.qlinear import (
-    QuantLinear, Sparse24QuantLinear, fake_quantize_model, quantize_model, set_quant_mode, swap_packed,
+    QuantLinear,
+    Sparse24QuantLinear,
+    fake_quantize_model,
+    quantize_model,
+    set_quant_mode,
+    swap_packed,
 )
 from lmsqueeze.testing import assert_close
 

@@ -338,7 +338,7 @@ def dequantize(p: QuantWeight | Sparse24QuantWeight, dtype: torch.dtype = torch.
     if isinstance(p, Sparse24QuantWeight):
         return _sparse24_dequantize(p, dtype)
     check_packed(p)
-    out, cols = p.shape
+    cols = p.in_features
     codes = unpack_codes(p.qweight, p.bits, cols)
     grp = torch.arange(cols, device=codes.device) // p.group_size
     Wp = (codes.float() - p.zeros.float()[:, grp]) * p.scales[:, grp]

@@ -6,9 +6,20 @@ from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels import nm_mask
 from lmsqueeze.kernels.obs import QuantSpec, quantize_rtn
 from lmsqueeze.kernels.quant import (
-    QuantWeight, Sparse24QuantWeight, dequantize, pack_codes, quant_grid, quant_matmul, quant_matmul_ref, quant_pack,
-    quant_pack_codes, sparse24_quant_matmul, sparse24_quant_matmul_ref, sparse24_quant_pack,
-    sparse24_quant_pack_codes, unpack_codes,
+    QuantWeight,
+    Sparse24QuantWeight,
+    dequantize,
+    pack_codes,
+    quant_grid,
+    quant_matmul,
+    quant_matmul_ref,
+    quant_pack,
+    quant_pack_codes,
+    sparse24_quant_matmul,
+    sparse24_quant_matmul_ref,
+    sparse24_quant_pack,
+    sparse24_quant_pack_codes,
+    unpack_codes,
 )
 from lmsqueeze.testing import assert_close
 from tests.conftest import requires_triton
