@@ -304,7 +304,9 @@ def swap_packed(model: nn.Module, packed: dict[str, QuantWeight | Sparse24QuantW
     """Replace, in place, the nn.Linear named by each key with a QuantLinear / Sparse24QuantLinear built from
     its packed weight (the Linear's bias is kept, in the Linear's dtype). Returns the swapped names.
 
-    The packed weights must match the layers' shapes; a name that is not an nn.Linear of the model raises."""
+    The packed weights must match the layers' shapes; a name that is not an nn.Linear of the model raises.
+    Layers on the meta device (a skeleton from `torch.device("meta")`, no dense weights ever allocated)
+    take the packed tensors on their own device and no bias."""
     layers = {name: (parent, attr, child) for name, parent, attr, child in _linears(model)}
     missing = [n for n in packed if n not in layers]
     if missing:
@@ -316,8 +318,13 @@ def swap_packed(model: nn.Module, packed: dict[str, QuantWeight | Sparse24QuantW
         if tuple(p.shape) != (child.out_features, child.in_features):
             raise LmsqueezeError(f"packed weight for '{name}' is {tuple(p.shape)} but the layer is "
                                  f"[{child.out_features}, {child.in_features}]")
-        bias = None if child.bias is None else child.bias.detach().clone()
-        device = child.weight.device
+        if child.weight.device.type == "meta":
+            # a skeleton built without weights (loading with no dense copy): the packed tensors stay where
+            # they are; a bias must then come with the checkpoint (set module.bias after the swap)
+            device, bias = p.scales.device, None
+        else:
+            device = child.weight.device
+            bias = None if child.bias is None else child.bias.detach().clone()
         cls = Sparse24QuantLinear if isinstance(p, Sparse24QuantWeight) else QuantLinear
         setattr(parent, attr, cls(p.to(device), bias, backend=backend))
         swapped.append(name)

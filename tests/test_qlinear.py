@@ -108,3 +108,16 @@ def test_swap_packed_from_checkpoint_tensors():
     other = nn.Sequential(nn.Linear(48, 32))
     with pytest.raises(LmsqueezeError, match=r"is \(32, 64\) but the layer is \[32, 48\]"):
         swap_packed(other, {"0": packed["0"]})
+
+
+def test_swap_packed_into_a_meta_skeleton():
+    """Loading without a dense copy: the model is built on the meta device, the packed weights are real."""
+    lin = nn.Linear(64, 32, bias=False)
+    packed = quant_pack(lin.weight.detach(), bits=4, group_size=32)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 32, bias=False))
+    swap_packed(model, {"0": packed})
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(x, dequantize(packed))
+        assert_close(model(x), expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-5)
