@@ -41,6 +41,7 @@ demo: $(STAMP)
 	fi
 
 test: $(STAMP)
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q
 
 bench: $(STAMP)

@@ -11,9 +11,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import Case, parser, run
-from lmsqueeze.kernels import (col_sq_norm_update, col_sq_norm_update_ref, hessian_finalize, hessian_update,
-                               hessian_update_ref, nm_mask, nm_mask_ref, rowwise_mask, rowwise_mask_ref, wanda_mask,
-                               wanda_mask_ref, wanda_scores)
+from lmsqueeze.kernels import (
+    col_sq_norm_update,
+    col_sq_norm_update_ref,
+    hessian_finalize,
+    hessian_update,
+    hessian_update_ref,
+    nm_mask,
+    nm_mask_ref,
+    rowwise_mask,
+    rowwise_mask_ref,
+    wanda_mask,
+    wanda_mask_ref,
+    wanda_scores,
+)
 from lmsqueeze.testing import TOLERANCES, compare
 
 

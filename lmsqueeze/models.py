@@ -93,8 +93,15 @@ TINY_VOCAB = 272  # 259 tokens used, rounded up to a multiple of 16
 
 
 def tiny_config(name: str):
-    from transformers import (GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
-                              Qwen2Config)
+    from transformers import (
+        GemmaConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        Phi3Config,
+        Qwen2Config,
+    )
 
     common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

@@ -22,7 +22,13 @@ from torch import nn
 from lmsqueeze import _ext
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels.sparse24 import (
-    _CPU_DTYPES, EPOCH, choose_sparse24, compress, decompress, is_24, sparse24_matmul,
+    _CPU_DTYPES,
+    EPOCH,
+    choose_sparse24,
+    compress,
+    decompress,
+    is_24,
+    sparse24_matmul,
 )
 
 log = logging.getLogger("lmsqueeze")

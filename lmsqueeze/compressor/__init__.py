@@ -1,6 +1,13 @@
 """Compression: per-layer method math, the sequential calibration driver, save and load."""
-from lmsqueeze.compressor.config import (GPTQConfig, MagnitudeConfig, RTNConfig, SparseGPTConfig, WandaConfig,
-                                         from_dict, make_config)
+from lmsqueeze.compressor.config import (
+                                         GPTQConfig,
+                                         MagnitudeConfig,
+                                         RTNConfig,
+                                         SparseGPTConfig,
+                                         WandaConfig,
+                                         from_dict,
+                                         make_config,
+)
 from lmsqueeze.compressor.driver import CompressionReport, compress
 from lmsqueeze.compressor.save import load_compressed, save_compressed
 

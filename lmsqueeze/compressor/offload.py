@@ -68,7 +68,7 @@ class DiskOffload:
         self.bytes_written = 0
 
     @classmethod
-    def from_model(cls, model, workdir) -> "DiskOffload":
+    def from_model(cls, model, workdir) -> DiskOffload:
         from lmsqueeze.compressor.driver import find_decoder_layers
 
         layers = find_decoder_layers(model)

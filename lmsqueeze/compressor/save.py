@@ -285,9 +285,8 @@ def load_compressed(directory: str | os.PathLike, dtype=None, device: str = "cpu
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmsqueeze.models import parse_dtype
-
     from lmsqueeze.compressor.formats import SPARSE24_MANIFEST, load_packed_sparse24
+    from lmsqueeze.models import parse_dtype
 
     meta = load_metadata(directory)
     if (Path(directory) / SPARSE24_MANIFEST).exists():  # packed 2:4: its own loader, no dense copy

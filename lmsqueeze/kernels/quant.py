@@ -120,7 +120,9 @@ class QuantWeight:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
 
     def to(self, device) -> QuantWeight:
-        move = (lambda t: None if t is None else t.to(device))
+        def move(t):
+            return None if t is None else t.to(device)
+
         return QuantWeight(move(self.qweight), move(self.scales), move(self.zeros), move(self.g_idx),
                            move(self.perm), self.shape, self.bits, self.group_size, self.sym)
 

@@ -1,7 +1,15 @@
 import pytest
 
-from lmsqueeze.compressor.config import (GPTQConfig, MagnitudeConfig, RTNConfig, SparseGPTConfig, WandaConfig,
-                                         from_dict, make_config, parse_sparsity)
+from lmsqueeze.compressor.config import (
+    GPTQConfig,
+    MagnitudeConfig,
+    RTNConfig,
+    SparseGPTConfig,
+    WandaConfig,
+    from_dict,
+    make_config,
+    parse_sparsity,
+)
 from lmsqueeze.errors import LmsqueezeError
 
 

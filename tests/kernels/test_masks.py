@@ -2,8 +2,15 @@ import pytest
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
-from lmsqueeze.kernels import (nm_mask, nm_mask_ref, rowwise_mask, rowwise_mask_ref, wanda_mask, wanda_mask_ref,
-                               wanda_scores)
+from lmsqueeze.kernels import (
+    nm_mask,
+    nm_mask_ref,
+    rowwise_mask,
+    rowwise_mask_ref,
+    wanda_mask,
+    wanda_mask_ref,
+    wanda_scores,
+)
 from tests.conftest import requires_triton
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

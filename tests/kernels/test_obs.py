@@ -3,7 +3,15 @@ import pytest
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
-from lmsqueeze.kernels import PruneSpec, QuantSpec, find_params, obs_update, obs_update_ref, quantize, quantize_rtn
+from lmsqueeze.kernels import (
+    PruneSpec,
+    QuantSpec,
+    find_params,
+    obs_update,
+    obs_update_ref,
+    quantize,
+    quantize_rtn,
+)
 from lmsqueeze.testing import assert_close
 
 # fp32 sweep: one tolerance, relative to the largest magnitude involved
