@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from lmsqueeze.errors import LmsqueezeError
 
@@ -148,11 +147,7 @@ def cmd_compress(args) -> int:
     grids = {} if fmt.format in ("compressed-tensors", "gptq") else None
     offload = None
     if args.offload == "disk":  # the layers go to safetensors files; one at a time comes back
-        import tempfile
-
-        parent = Path(args.offload_dir or Path(args.output_dir).resolve().parent)
-        parent.mkdir(parents=True, exist_ok=True)
-        offload = DiskOffload.from_model(model, tempfile.mkdtemp(prefix=".lmsqueeze-offload-", dir=parent))
+        offload = DiskOffload.beside(model, args.output_dir, args.offload_dir)
     calib = calibration_batches(tok, args.calib, args.nsamples, args.seqlen, args.seed, data_dir=args.data_dir,
                                 text=text)
     calib_info = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}

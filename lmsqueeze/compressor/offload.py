@@ -68,6 +68,16 @@ class DiskOffload:
         self.bytes_written = 0
 
     @classmethod
+    def beside(cls, model, output_dir, offload_dir=None) -> DiskOffload:
+        """Offload `model`'s layers into a fresh work directory under `offload_dir`, by default the
+        directory that will hold `output_dir` (so the final checkpoint can link the layer files in)."""
+        import tempfile
+
+        parent = Path(offload_dir or Path(output_dir).resolve().parent)
+        parent.mkdir(parents=True, exist_ok=True)
+        return cls.from_model(model, tempfile.mkdtemp(prefix=".lmsqueeze-offload-", dir=parent))
+
+    @classmethod
     def from_model(cls, model, workdir) -> DiskOffload:
         from lmsqueeze.compressor.driver import find_decoder_layers
 
