@@ -116,7 +116,7 @@ def test_template_and_paired_delta_against_base():
 
 @pytest.mark.skipif(not HAVE_DATA, reason="../shared/data is not beside the repository")
 def test_every_shipped_item_resolves_and_sampling_is_stratified():
-    from lmsqueeze.evaluation.datasets import bbq_items
+    from lmsqueeze.data import bbq_items
 
     items = bbq_items()
     assert len(items) == 11956

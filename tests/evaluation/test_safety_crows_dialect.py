@@ -56,7 +56,7 @@ def test_dialect_files_ratio(tmp_path):
     aae, sae = tmp_path / "aae.txt", tmp_path / "sae.txt"
     aae.write_text("x one\n\nx two\n")
     sae.write_text("y one\n")
-    from lmsqueeze.evaluation.datasets import text_lines
+    from lmsqueeze.data import text_lines
 
     a, s = text_lines(aae), text_lines(sae)
     assert a == ["x one", "x two"]

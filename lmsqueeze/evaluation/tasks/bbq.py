@@ -203,7 +203,7 @@ class BBQTask(Task):
     groups = ("by_category", "accuracy")
 
     def load(self):
-        from lmsqueeze.evaluation.datasets import bbq_items
+        from lmsqueeze.data import bbq_items
 
         self.norm = self.opts.extra.get("bbq_norm", "char")
         if self.norm not in NORMS:

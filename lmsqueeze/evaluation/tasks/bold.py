@@ -203,7 +203,7 @@ class BoldTask(Task):
     groups = ("by_group", "negative_rate")
 
     def load(self):
-        from lmsqueeze.evaluation.datasets import bold_prompts
+        from lmsqueeze.data import bold_prompts
 
         self.scorers = Scorers()  # fails first, before any model loads, when the packages are missing
         all_prompts, self.empty = bold_prompts(self.opts.data_dir)

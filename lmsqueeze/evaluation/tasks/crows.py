@@ -74,7 +74,7 @@ class CrowsTask(Task):
     groups = ("by_bias_type", "stereo_share")
 
     def load(self):
-        from lmsqueeze.evaluation.datasets import crows_pairs
+        from lmsqueeze.data import crows_pairs
 
         self.rows = prepare(crows_pairs(self.opts.data_dir), self.opts.limit, self.opts.seed)
 

@@ -97,7 +97,7 @@ class DialectTask(Task):
     headline = (Headline("nll_gap", "dialect NLL gap", ".3f", "closer to base"),)
 
     def load(self):
-        from lmsqueeze.evaluation.datasets import dialect_pairs, text_lines
+        from lmsqueeze.data import dialect_pairs, text_lines
 
         self.pairs = prepare(dialect_pairs(self.opts.data_dir), self.opts.limit, self.opts.seed)
         self.files = None

@@ -37,10 +37,11 @@ class MCItem:
 
 def load_jsonl(path: str | Path) -> list[MCItem]:
     """Items of a {context, choices, label} JSONL file; a bad line is reported with its number."""
-    from lmsqueeze.evaluation.datasets import jsonl_records
+    from lmsqueeze.io import iter_jsonl
 
     items = []
-    for where, rec in jsonl_records(path, "multiple-choice file"):
+    for lineno, rec in iter_jsonl(path, "multiple-choice file"):
+        where = f"{path}:{lineno}"
         if not isinstance(rec, dict):
             raise LmsqueezeError(f"{where}: expected an object with context, choices, label; got "
                                  f"{type(rec).__name__}")

@@ -2,9 +2,9 @@ from collections import Counter
 
 import pytest
 
+from lmsqueeze import data
 from lmsqueeze.data import REPO_ROOT
 from lmsqueeze.errors import LmsqueezeError
-from lmsqueeze.evaluation import datasets as data
 
 HAVE_DATA = (REPO_ROOT.parent / "shared" / "data" / "bbq").exists()
 
