@@ -49,8 +49,15 @@ def is_quantizer(config) -> bool:
 
 
 def default_format(config) -> str:
-    """Quantizers: compressed-tensors (packed); pruners: dense-with-zeros."""
-    return "compressed-tensors" if is_quantizer(config) else "dense"
+    """Symmetric quantizers: compressed-tensors (packed); everything else: dense-with-zeros.
+
+    Asymmetric pack-quantized checkpoints do not load through plain `from_pretrained` with transformers 5.24
+    and compressed-tensors 0.20 (its loader expects the zero points unpacked, [out, groups], while its
+    compressor writes them packed): they need `quantization_config=CompressedTensorsConfig(dequantize=True)`.
+    A default must give a file that loads as it is, so asymmetric grids default to dense; `--format
+    compressed-tensors` still writes them, with a note that says how to load them.
+    """
+    return "compressed-tensors" if is_quantizer(config) and getattr(config, "sym", False) else "dense"
 
 
 def sparsity_structure(config) -> str | None:
@@ -115,6 +122,10 @@ def plan(model, config, fmt: str | None, *, offload: bool = False) -> Plan:
     from lmsqueeze.compressor.driver import is_conv1d
 
     conv = [n for n, m in targets.items() if is_conv1d(m)]
+    if fmt == "compressed-tensors" and quant and not getattr(config, "sym", False):
+        p.notes.append("asymmetric pack-quantized checkpoints load in transformers with quantization_config="
+                       "CompressedTensorsConfig(dequantize=True) (plain from_pretrained rejects their packed zero "
+                       "points); --sym writes one that loads as it is")
     if fmt in QUANTIZED_FORMATS:
         if not quant:
             raise LmsqueezeError(f"--format {fmt} stores quantized weights but {config.method} "
