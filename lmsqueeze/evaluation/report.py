@@ -1,9 +1,5 @@
-"""Reports are JSON first (`api.evaluate`); the Markdown table printed on stdout is rendered from that JSON.
-
-One row per (task, metric): value with its 95% interval and n, and against the base its value, the paired
-delta and the delta's interval. A task's headline metrics come first; summary-only numbers (word and
-byte perplexity, divergence quantiles) follow in a second table.
-"""
+"""The Markdown view of a JSON report (`api.evaluate`): one row per (task, metric), value [95% CI], n and,
+against the base, its value and the paired delta [CI]; headline metrics first, summary-only numbers after."""
 from __future__ import annotations
 
 import math
