@@ -1,11 +1,4 @@
-"""Evaluation: one engine for every task.
-
-backend.py   the model interface (loglik, perplexity windows, generation, per-token rows)
-loglik.py    the batched log-likelihood core it runs on
-task.py      the task contract, its registry and suites; tasks/ holds one module per task
-cache.py     base-model results on disk, reused by every evaluation against the same base
-stats.py     intervals and paired deltas; report.py the Markdown view of a report; api.py `evaluate`
-"""
+"""Evaluation: one engine for every task (backend.py, task.py, tasks/, cache.py, stats.py, report.py, api.py)."""
 
 
 def perplexity(model, tokenizer, source: str, seqlen: int = 512, limit: int | None = None,
