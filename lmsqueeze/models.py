@@ -379,6 +379,13 @@ def check_quantized_loader(name_or_path: str, config) -> None:
                              f"config.json); loading it needs: pip install {' '.join(missing)}")
 
 
+def _where(name_or_path: str) -> tuple[tuple[str, str] | None, str, bool]:
+    """(gguf (dir, file) or None, the directory or hub id to load from, whether to stay offline)."""
+    gguf = parse_gguf(name_or_path)
+    path = gguf[0] if gguf else resolve(name_or_path)
+    return gguf, path, not _check_local(name_or_path, path) and not _hub_reachable()
+
+
 def load_config(name_or_path: str):
     """The model's configuration without its weights: for checks (positions, quantization) before a load."""
     if name_or_path in TINY:
@@ -387,10 +394,7 @@ def load_config(name_or_path: str):
         raise LmsqueezeError(f"unknown model '{name_or_path}'; builtins: {', '.join(BUILTINS)}")
     from transformers import AutoConfig
 
-    gguf = parse_gguf(name_or_path)
-    path = gguf[0] if gguf else resolve(name_or_path)
-    local = _check_local(name_or_path, path)
-    offline = not local and not _hub_reachable()
+    gguf, path, offline = _where(name_or_path)
     try:
         if gguf:
             return AutoConfig.from_pretrained(path, gguf_file=gguf[1], local_files_only=offline)
@@ -437,10 +441,7 @@ def load_tokenizer(name_or_path: str):
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
-    gguf = parse_gguf(name_or_path)
-    path = gguf[0] if gguf else resolve(name_or_path)
-    local = _check_local(name_or_path, path)
-    offline = not local and not _hub_reachable()
+    gguf, path, offline = _where(name_or_path)
     try:
         if gguf:
             return _fix_pad(AutoTokenizer.from_pretrained(path, gguf_file=gguf[1], local_files_only=offline))
@@ -464,10 +465,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = "fp32", devi
         raise LmsqueezeError(f"unknown model '{name_or_path}'; builtins: {', '.join(BUILTINS)}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = parse_gguf(name_or_path)
-    path = gguf[0] if gguf else resolve(name_or_path)
-    local = _check_local(name_or_path, path)
-    offline = not local and not _hub_reachable()
+    gguf, path, offline = _where(name_or_path)
     try:
         if gguf:
             model, tokenizer = _load_gguf(path, gguf[1], torch_dtype, offline)

@@ -40,13 +40,14 @@ def _name_of(model, given: str | None) -> str:
 def identity_of_name(name: str, dtype: str) -> str:
     """Identity of a model named on the command line, without loading its weights: a local directory is
     its path, config and the size and mtime of its weight files; a builtin or hub id is its name."""
-    from lmsqueeze.models import TINY, resolve
+    from lmsqueeze.models import TINY, parse_gguf, resolve
 
     h = hashlib.sha256(f"{name}|{dtype}".encode())
     if name in TINY:
         return h.hexdigest()
+    gguf = parse_gguf(name)
     try:
-        path = Path(resolve(name))
+        path = Path(gguf[0], gguf[1]) if gguf else Path(resolve(name))  # dir::file.gguf: the file itself
     except LmsqueezeError:
         path = Path(name).expanduser()
     target = path if path.is_dir() else path.parent if path.is_file() else None

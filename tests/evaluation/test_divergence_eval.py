@@ -115,3 +115,17 @@ def test_divergence_needs_a_base():
     model, tok = models.load_model("tiny-llama")
     with pytest.raises(LmsqueezeError, match="needs|compares with a base model"):
         evaluate(model, tok, "divergence:pydoc")
+
+
+def test_a_gguf_base_is_identified_by_its_file(tmp_path):
+    """dir::file.gguf names a file: rewriting it must change the base identity (and so the cache key)."""
+    import os
+
+    from lmsqueeze.evaluation.api import identity_of_name
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + b"\0" * 8)
+    a = identity_of_name(f"{tmp_path}::m.gguf", "fp32")
+    f.write_bytes(b"GGUF" + b"\1" * 16)
+    os.utime(f, ns=(1, 2))
+    assert identity_of_name(f"{tmp_path}::m.gguf", "fp32") != a
