@@ -16,12 +16,31 @@ title, a number format and which direction is better; `suites` puts the task int
 `needs_base` marks a task that means nothing without a base model (divergence); `suite_needs_base`
 one that a suite includes only when a base model is given. Every module in `evaluation/tasks/` is
 imported on first use of the registry, so dropping a file there adds a task.
+
+Sample records (`--log-samples`): after `run`, `samples(result, base, backend)` turns the result's items
+into one JSON-serialisable record per item, built with `sample(...)`:
+    {"doc_id": int, "prompt": str | None, "reference": str | list | None, "output": str | list | None,
+     "base_output": same or None, "metrics": {name: number}, "base_metrics": {name: number} | None, ...}
+doc_id is the item's position in the task's items (the same on the model and the base side); prompt is
+the text the model was given, reference what it is scored against, output what the model produced (its
+answer, its chosen option, ...), base_output the same for the base model on the same item. `metrics`
+holds the item's own numbers. `sample_metrics` declares, for the reported metrics that follow from
+them, how: `SampleMetric(field, weight, exp)` means
+    value = f(sum_i w_i x_i / sum_i w_i),  x_i = metrics[field], w_i = metrics[weight] (1 when None),
+    f = exp when exp else identity,
+so `aggregate(records, rule)` recomputes the reported value from the records (the base's value from
+`base_metrics`). A plain mean is `SampleMetric("correct")`; a token-weighted mean
+`SampleMetric("jsd", "tokens")`; perplexity `SampleMetric("nll", "tokens", exp=True)`. A metric that is
+not a weighted mean of per-item numbers (e.g. a bias score over item subsets) is left out of
+`sample_metrics` and its task docstring says how it follows from the records' fields. The default
+`samples` keeps each item's numeric fields as its metrics and no texts; tasks override it.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
 import json
+import math
 import pkgutil
 from dataclasses import asdict, dataclass, field
 
@@ -72,6 +91,39 @@ class EvalOptions:
             raise LmsqueezeError(f"limit must be >= 1, got {self.limit}")
 
 
+@dataclass(frozen=True)
+class SampleMetric:
+    """How a reported metric follows from its sample records: f(sum w_i x_i / sum w_i) (module docstring)."""
+    field: str
+    weight: str | None = None
+    exp: bool = False
+
+
+def sample(doc_id: int, *, prompt=None, reference=None, output=None, base_output=None, metrics: dict | None = None,
+           base_metrics: dict | None = None, **extra) -> dict:
+    """One sample record (module docstring); `extra` adds task-specific fields (e.g. the choices)."""
+    return {"doc_id": int(doc_id), "prompt": prompt, "reference": reference, "output": output,
+            "base_output": base_output, "metrics": dict(metrics or {}),
+            "base_metrics": None if base_metrics is None else dict(base_metrics), **extra}
+
+
+def aggregate(records: list[dict], rule: SampleMetric, side: str = "metrics") -> float:
+    """The reported value that `rule` recomputes from sample records (side "base_metrics": the base's)."""
+    num = den = 0.0
+    for r in records:
+        m = r[side]
+        w = 1.0 if rule.weight is None else float(m[rule.weight])
+        num += w * float(m[rule.field])
+        den += w
+    if den == 0:
+        return float("nan")
+    return math.exp(num / den) if rule.exp else num / den
+
+
+def _numbers(item: dict) -> dict:
+    return {k: v for k, v in item.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 class Task:
     """One evaluation; see the module docstring. Subclasses set the class attributes via @register."""
     kind: str = ""
@@ -115,6 +167,16 @@ class Task:
 
     def run(self, backend, base: dict | None) -> dict:
         raise NotImplementedError
+
+    # reported metric name -> how it follows from the sample records' metrics (module docstring)
+    sample_metrics: dict[str, SampleMetric] = {}
+
+    def samples(self, result: dict, base: dict | None, backend) -> list[dict]:
+        """Per-item sample records of `result` (this task's `run` output on `backend`'s model; `base`: the
+        base's result or None), one per item in item order; see the module docstring."""
+        base_items = base.get("items") if base is not None else None
+        return [sample(i, metrics=_numbers(it), base_metrics=_numbers(base_items[i]) if base_items else None)
+                for i, it in enumerate(result.get("items", []))]
 
 
 def digest(obj) -> str:
