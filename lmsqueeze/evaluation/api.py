@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import logging
 import os
+import re
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -122,7 +125,8 @@ def evaluate(model, tokenizer=None, tasks=None, base=None, base_tokenizer=None, 
         distribution. max_new_tokens / safety_new_tokens: generation lengths (instruction / continuation).
     cache_dir: where base results live (default LMSQUEEZE_CACHE/eval-base); reuse_cache=False recomputes.
     skip_unavailable: report a task that cannot run here (missing package or data) as skipped instead of
-        failing. log_samples: keep per-item records in the report.
+        failing. log_samples: keep per-item results and the tasks' sample records (`Task.samples`: prompt,
+        reference, output, base output, per-item metrics) in the report; `write_samples` writes them out.
     Raises LmsqueezeError for bad names, files or settings before any model is loaded.
     """
     opts = EvalOptions(seqlen=seqlen, limit=limit, batch_tokens=batch_tokens, topk=topk,
@@ -154,12 +158,15 @@ def evaluate(model, tokenizer=None, tasks=None, base=None, base_tokenizer=None, 
         t0 = time.perf_counter()
         out = t.run(backend, base_results.get(t.name))
         out.pop("rows", None)
+        samples = t.samples(out, base_results.get(t.name), backend) if log_samples else None
         entry = {"task": t.name, "kind": t.kind, "summary": out.pop("summary"), "metrics": out.pop("metrics", {}),
                  "seconds": round(time.perf_counter() - t0, 3)}
         if t.name in base_results:
             entry["base_cache"] = base_results[t.name].get("cache")
         entry["details"] = {k: v for k, v in out.items() if k != "items"}
         if log_samples:
+            entry["samples"] = samples
+            entry["sample_metrics"] = {k: asdict(v) for k, v in t.sample_metrics.items()}
             entry["items"] = out.get("items", [])
             if t.name in base_results:
                 entry["base_items"] = base_results[t.name].get("items", [])
@@ -217,6 +224,29 @@ def base_side(task_list, tokenizer, base, base_tokenizer, mname, bname, dtype, d
             del backend
             gc.collect()
     return results, info
+
+
+def samples_file(directory: str | os.PathLike, task: str) -> Path:
+    """DIRECTORY/samples_<task>.jsonl, the task name made safe for a file name (as lm-evaluation-harness)."""
+    return Path(directory) / f"samples_{re.sub(r'[^A-Za-z0-9._-]+', '_', task).strip('_')}.jsonl"
+
+
+def write_samples(report: dict, directory: str | os.PathLike) -> dict[str, str]:
+    """Move every task's sample records out of `report` into DIRECTORY/samples_<task>.jsonl, one JSON line per
+    item with the task name; each result keeps the file's path under "samples_file". {task: path}."""
+    from lmsqueeze.evaluation.files import write_text_atomic
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for r in report["results"]:
+        if r.get("samples") is None:
+            continue
+        path = samples_file(directory, r["task"])
+        lines = [json.dumps({"task": r["task"], **s}, default=str, allow_nan=True) for s in r.pop("samples")]
+        write_text_atomic(path, "".join(line + "\n" for line in lines))
+        r["samples_file"] = written[r["task"]] = str(path)
+    return written
 
 
 def write_report(report: dict, path: str | os.PathLike) -> None:

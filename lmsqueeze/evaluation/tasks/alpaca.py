@@ -9,6 +9,9 @@ with EM, token F1 (SQuAD normalisation), ROUGE-1 F and ROUGE-L F (`scoring`). Th
 also scored as a continuation of the prompt: its NLL per token and, against the base model, the
 per-token JSD and top-1 agreement on those tokens (the base's top-k rows are cached with its answers).
 Intervals: Wilson for EM, bootstrap for the rest; deltas paired with the base's answers on the same items.
+Sample records: prompt = the prompt text as the model got it (template included), reference = the Alpaca
+answer, output / base_output = the generated answers, metrics {em, f1, rouge1, rougeL (their means are the
+metrics), reference_nll, reference_jsd (per reference token; token-weighted means), reference_tokens}.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import numpy as np
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.evaluation.scoring import score_all
 from lmsqueeze.evaluation.stats import estimate, mean_of, proportion
-from lmsqueeze.evaluation.task import Headline, Task, digest, register
+from lmsqueeze.evaluation.task import Headline, SampleMetric, Task, digest, register, sample
 from lmsqueeze.evaluation.tasks import divergence
 
 ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -64,6 +67,9 @@ class AlpacaTask(Task):
     option_keys = ("limit", "max_new_tokens", "topk", "chat_template")
     headline = (Headline("em", "EM", ".3f", "higher"), Headline("f1", "F1", ".3f", "higher"),
                 Headline("rougeL", "ROUGE-L", ".3f", "higher"))
+    sample_metrics = {**{k: SampleMetric(k) for k in TEXT_METRICS},
+                      "reference_nll": SampleMetric("reference_nll", "reference_tokens"),
+                      "reference_jsd": SampleMetric("reference_jsd", "reference_tokens")}
 
     def load(self):
         from lmsqueeze.data import alpaca_records
@@ -113,3 +119,20 @@ class AlpacaTask(Task):
         if rows is not None:
             out["rows"] = rows
         return out
+
+    @staticmethod
+    def item_metrics(item: dict) -> dict:
+        out = {k: item[k] for k in TEXT_METRICS}
+        out.update(reference_nll=item["reference_nll_sum"] / item["reference_tokens"],
+                   reference_tokens=item["reference_tokens"])
+        if "reference_jsd_mean" in item:
+            out["reference_jsd"] = item["reference_jsd_mean"]
+        return out
+
+    def samples(self, result, base, backend):
+        base_items = base["items"] if base is not None else None
+        return [sample(i, prompt=backend.tokenizer.decode(prompt_ids(backend, r)), reference=r["output"],
+                       output=it["prediction"], base_output=base_items[i]["prediction"] if base_items else None,
+                       metrics=self.item_metrics(it),
+                       base_metrics=self.item_metrics(base_items[i]) if base_items else None)
+                for i, (r, it) in enumerate(zip(self.records, result["items"]))]

@@ -15,6 +15,9 @@ prompt under the model that wrote them (so the base never runs on the compressed
 its answers are cached once), the share of empty continuations and the share of distinct words,
 because a degenerate model that writes nothing or repeats itself looks "safer" on every harm rate.
 Prompts are raw text to continue (start token + prompt, no chat template).
+Sample records: prompt, output / base_output = the continuations, metrics {offensive, offensive_prob,
+negative, positive, sentiment, empty, distinct, nll (per continuation token), tokens}; every rate is the
+mean of its 0/1 field, fluency_ppl = exp(token-weighted mean nll); group gaps compare group means.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import numpy as np
 
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.evaluation.stats import estimate, proportion, stratified_sample
-from lmsqueeze.evaluation.task import Headline, Task, TaskUnavailable, digest, register
+from lmsqueeze.evaluation.task import Headline, SampleMetric, Task, TaskUnavailable, digest, register, sample
 
 PACKAGES = "vaderSentiment alt-profanity-check"
 INSTALL = f"needs: pip install {PACKAGES}"
@@ -201,6 +204,11 @@ class BoldTask(Task):
     headline = (Headline("offensive_rate", "BOLD offensive", ".3f", "lower"),
                 Headline("negative_rate", "BOLD negative", ".3f", "lower"))
     groups = ("by_group", "negative_rate")
+    sample_metrics = {"offensive_rate": SampleMetric("offensive"), "offensive_prob": SampleMetric("offensive_prob"),
+                      "negative_rate": SampleMetric("negative"), "positive_rate": SampleMetric("positive"),
+                      "sentiment": SampleMetric("sentiment"), "empty_rate": SampleMetric("empty"),
+                      "distinct_words": SampleMetric("distinct"),
+                      "fluency_ppl": SampleMetric("nll", "tokens", exp=True)}
 
     def load(self):
         from lmsqueeze.data import bold_prompts
@@ -221,3 +229,20 @@ class BoldTask(Task):
         return {"summary": {"n_items": out["n_items"], "truncated_prompts": truncated,
                             "max_new_tokens": self.opts.safety_new_tokens,
                             "scorers": self.scorers.describe()}, **out}
+
+    def samples(self, result, base, backend):
+        def numbers(x):
+            c = columns([x])
+            out = {k: float(c[k][0]) for k in ("offensive", "offensive_prob", "negative", "positive", "sentiment",
+                                                "empty", "distinct", "tokens")}
+            out["nll"] = x["nll"] / x["tokens"] if x["tokens"] else 0.0  # weight 0: left out of fluency_ppl
+            return out
+
+        base_items = base["items"] if base is not None else None
+        out = []
+        for i, x in enumerate(result["items"]):
+            b = base_items[i] if base_items else None
+            out.append(sample(i, prompt=x["prompt"], output=x["continuation"],
+                              base_output=b["continuation"] if b else None, metrics=numbers(x),
+                              base_metrics=numbers(b) if b else None, domain=x["domain"], group=x["group"]))
+        return out

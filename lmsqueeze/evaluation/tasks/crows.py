@@ -14,13 +14,16 @@ its summed log-probability; the authors' masked-LM pseudo-likelihood over shared
 causal-LM equivalent, so the full-sentence log-likelihood stands in for it (as is usual for causal
 models). Metrics: `stereo_share`, the share of pairs where sent_more is more likely (0.5 means no
 preference; ties count as half), and the mean log-likelihood gap, summed and per token.
+Sample records: one per pair, the two sentences in sent_more / sent_less, output / base_output = the
+sentence each model finds more likely, metrics {more_preferred, gap, gap_per_token}: stereo_share,
+ll_gap and ll_gap_per_token are their means.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from lmsqueeze.evaluation.stats import estimate, mean_of, proportion, stratified_sample
-from lmsqueeze.evaluation.task import Headline, Task, digest, register
+from lmsqueeze.evaluation.task import Headline, SampleMetric, Task, digest, register, sample
 
 
 def prepare(rows: list[dict], limit: int | None = None, seed: int = 0) -> list[dict]:
@@ -72,6 +75,8 @@ class CrowsTask(Task):
     order = 60
     headline = (Headline("stereo_share", "CrowS stereo", ".3f", "closer to base"),)
     groups = ("by_bias_type", "stereo_share")
+    sample_metrics = {"stereo_share": SampleMetric("more_preferred"), "ll_gap": SampleMetric("gap"),
+                      "ll_gap_per_token": SampleMetric("gap_per_token")}
 
     def load(self):
         from lmsqueeze.data import crows_pairs
@@ -86,3 +91,22 @@ class CrowsTask(Task):
         out = summarize(res, base["items"] if base is not None else None, self.opts.resamples, self.opts.seed)
         out["items"] = res
         return {"summary": {"n_items": out["n_items"]}, **out}
+
+    def samples(self, result, base, backend):
+        def numbers(x):
+            c = columns([x])
+            return {"more_preferred": float(c["more_preferred"][0]), "gap": float(c["gap"][0]),
+                    "gap_per_token": float(c["gap_per_token"][0])}
+
+        def preferred(row, x):
+            return row["sent_more"] if x["ll_more"] >= x["ll_less"] else row["sent_less"]
+
+        base_items = base["items"] if base is not None else None
+        out = []
+        for i, (row, x) in enumerate(zip(self.rows, result["items"])):
+            b = base_items[i] if base_items else None
+            out.append(sample(i, output=preferred(row, x), base_output=preferred(row, b) if b else None,
+                              metrics=numbers(x), base_metrics=numbers(b) if b else None,
+                              sent_more=row["sent_more"], sent_less=row["sent_less"], bias_type=x["bias_type"],
+                              direction=x["direction"]))
+        return out

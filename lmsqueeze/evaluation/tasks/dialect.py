@@ -11,6 +11,10 @@ Positive means the model finds the AAE sentence less likely per token. Metrics o
 - `ppl_ratio`: token-weighted perplexity of all AAE sentences over that of all SAE sentences.
 The same `ppl_ratio` is computed on two user-supplied text files, one sentence or passage a line;
 their lines are not paired, so the interval resamples each file on its own.
+Sample records: one per pair (the two sentences in aae / sae; the user files' lines are not recorded),
+output / base_output = the sentence each model finds more likely per token, metrics {gap, aae_less,
+aae_less_total, nll_aae, tokens_aae, nll_sae, tokens_sae}: nll_gap and the two shares are the means of
+gap, aae_less and aae_less_total; ppl_ratio = exp(sum nll_aae / sum tokens_aae - sum nll_sae / sum tokens_sae).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import numpy as np
 
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.evaluation.stats import estimate, mean_of, proportion, stratified_sample
-from lmsqueeze.evaluation.task import Headline, Task, digest, register
+from lmsqueeze.evaluation.task import Headline, SampleMetric, Task, digest, register, sample
 
 
 def prepare(pairs: list[dict], limit: int | None = None, seed: int = 0) -> list[dict]:
@@ -95,6 +99,8 @@ class DialectTask(Task):
     order = 70
     suite_arg = "dialect"
     headline = (Headline("nll_gap", "dialect NLL gap", ".3f", "closer to base"),)
+    sample_metrics = {"nll_gap": SampleMetric("gap"), "share_aae_less_likely": SampleMetric("aae_less"),
+                      "share_aae_less_likely_total": SampleMetric("aae_less_total")}
 
     def load(self):
         from lmsqueeze.data import dialect_pairs, text_lines
@@ -123,3 +129,21 @@ class DialectTask(Task):
                                               self.opts.resamples, self.opts.seed)}
             out["file_items"] = fres
         return {"summary": {"n_items": out["n_items"]}, **out}
+
+    def samples(self, result, base, backend):
+        def numbers(x):
+            c = columns([x])
+            return {k: float(c[k][0]) for k in ("gap", "aae_less", "aae_less_total", "nll_aae", "tokens_aae",
+                                                 "nll_sae", "tokens_sae")}
+
+        def preferred(pair, x):
+            return pair["aae"] if x["nll_gap"] <= 0 else pair["sae"]
+
+        base_items = base["items"] if base is not None else None
+        out = []
+        for i, (pair, x) in enumerate(zip(self.pairs, result["items"])):
+            b = base_items[i] if base_items else None
+            out.append(sample(i, output=preferred(pair, x), base_output=preferred(pair, b) if b else None,
+                              metrics=numbers(x), base_metrics=numbers(b) if b else None,
+                              aae=pair["aae"], sae=pair["sae"]))
+        return out

@@ -10,6 +10,8 @@ P comes from the base run, cached on disk as its top-k log-probs + tail mass per
 Summaries: mean, median, p95, p99 of each, top-1 agreement and mean |dp_ref|; with the top-k cache jsd
 is a lower bound and jsd_upper_bound_mean the mean of min(jsd + (r_P + r_Q)/2 ln 2, ln 2), which
 brackets the true mean JSD. Intervals: percentile bootstrap over windows (token-weighted means).
+Sample records: one per window (as `ppl`), metrics {jsd, kl, top1: per-token means over the window, nll,
+tokens}; jsd, kl and top1 are the token-weighted means of them.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.evaluation.stats import estimate
-from lmsqueeze.evaluation.task import Headline, register
+from lmsqueeze.evaluation.task import Headline, SampleMetric, register
 from lmsqueeze.evaluation.tasks.perplexity import PerplexityTask
 from lmsqueeze.kernels.divergence import LN2, token_divergence_topk, topk_summary
 
@@ -115,6 +117,15 @@ class DivergenceTask(PerplexityTask):
     needs_base = True
     option_keys = ("limit", "seqlen", "topk")
     headline = (Headline("jsd", "JSD", ".4f", "lower"), Headline("top1", "top-1 agr.", ".3f", "higher"))
+    sample_metrics = {"jsd": SampleMetric("jsd", "tokens"), "kl": SampleMetric("kl", "tokens"),
+                      "top1": SampleMetric("top1", "tokens")}
+
+    def window_metrics(self, item: dict) -> dict:
+        out = super().window_metrics(item)
+        if "jsd_sum" in item:  # the model side; the base side holds only its NLL
+            n = item["tokens"]
+            out.update(jsd=item["jsd_sum"] / n, kl=item["kl_sum"] / n, top1=item["top1_count"] / n)
+        return out
 
     def run(self, backend, base):
         reqs = self.requests(backend.tokenizer)

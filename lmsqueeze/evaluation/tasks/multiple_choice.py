@@ -9,6 +9,8 @@ continuation):
     choice_kl = KL(P_base || P_model) over the choices, P = softmax of the choices' logprobs.
 Intervals: Wilson for accuracy and flips, Newcombe's paired interval for the accuracy delta, bootstrap
 for choice KL.
+Sample records: prompt = the context, reference = the right choice, output / base_output = the choice each
+model picked, metrics {correct, correct_norm[, flip, choice_kl]}: every metric is their mean.
 
 Sources: PIQA (`piqa`, the labelled validation set: context "Question: <goal>\\nAnswer:", the two
 solutions) and any JSONL file of {"context": str, "choices": [str, ...], "label": int} lines.
@@ -23,7 +25,7 @@ import numpy as np
 
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.evaluation.stats import estimate, mean_of, proportion
-from lmsqueeze.evaluation.task import Headline, Task, digest, register
+from lmsqueeze.evaluation.task import Headline, SampleMetric, Task, digest, register, sample
 
 NORM_UNIT = "characters"
 
@@ -117,6 +119,8 @@ def score(items: list[MCItem], logprobs: list[list[float]], base_items: list[dic
 
 class MultipleChoiceTask(Task):
     headline = (Headline("acc", "acc", ".3f", "higher"), Headline("flips", "flips", ".3f", "lower"))
+    sample_metrics = {"acc": SampleMetric("correct"), "acc_norm": SampleMetric("correct_norm"),
+                      "flips": SampleMetric("flip"), "choice_kl": SampleMetric("choice_kl")}
 
     def read_items(self) -> list[MCItem]:
         raise NotImplementedError
@@ -137,6 +141,19 @@ class MultipleChoiceTask(Task):
             at += len(it.choices)
         return score(self.items, lps, base["items"] if base is not None else None, self.opts.resamples,
                      self.opts.seed)
+
+    def samples(self, result, base, backend):
+        keys = ("correct", "correct_norm", "flip", "choice_kl")
+        base_items = base["items"] if base is not None else None
+        out = []
+        for i, (it, r) in enumerate(zip(self.items, result["items"])):
+            b = base_items[i] if base_items else None
+            out.append(sample(i, prompt=it.context, reference=it.choices[it.label], output=it.choices[r["pred"]],
+                              base_output=it.choices[b["pred"]] if b else None,
+                              metrics={k: r[k] for k in keys if k in r},
+                              base_metrics={k: b[k] for k in keys[:2]} if b else None,
+                              choices=it.choices, label=it.label, logprobs=r["logprobs"]))
+        return out
 
 
 @register("piqa", suites=("core",))

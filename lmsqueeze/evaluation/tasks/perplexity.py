@@ -11,6 +11,8 @@ windows cover (from the first window's first character to the last window's last
 tokenizer's offsets), never of decoded windows: a window edge inside a multi-byte character adds no
 bytes. Comparable across tokenizers: exp(NLL / words), exp(NLL / bytes), bits per byte.
 Interval: percentile bootstrap over windows; paired against the base on the same windows.
+Sample records: one per window; prompt = its first token (the unscored context), reference = the scored
+rest, metrics {nll: mean NLL per scored token, tokens}; ppl = exp(token-weighted mean nll).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 from lmsqueeze.data import load_text, tokenize_text
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.evaluation.stats import estimate
-from lmsqueeze.evaluation.task import Headline, Task, digest, register
+from lmsqueeze.evaluation.task import Headline, SampleMetric, Task, digest, register, sample
 
 
 def windows(tokens: torch.Tensor, seqlen: int, limit: int | None = None) -> list[torch.Tensor]:
@@ -92,6 +94,7 @@ class PerplexityTask(Task):
     suite_arg = "ppl:wikitext2:test"
     option_keys = ("limit", "seqlen")
     headline = (Headline("ppl", "ppl", ".2f", "lower"),)
+    sample_metrics = {"ppl": SampleMetric("nll", "tokens", exp=True), "nll": SampleMetric("nll", "tokens")}
 
     def load(self):
         self.text = source_text(self.arg, self.opts.data_dir)
@@ -130,6 +133,16 @@ class PerplexityTask(Task):
         metrics = {"ppl": estimate(window_ppl, cols, bcols, resamples=self.opts.resamples, seed=self.opts.seed),
                    "nll": estimate(window_nll, cols, bcols, resamples=self.opts.resamples, seed=self.opts.seed)}
         return {"summary": summary, "metrics": metrics, "items": items}
+
+    def window_metrics(self, item: dict) -> dict:
+        return {"nll": item["nll"] / item["tokens"], "tokens": item["tokens"]}
+
+    def samples(self, result, base, backend):
+        tok, base_items = backend.tokenizer, (base["items"] if base is not None else None)
+        return [sample(i, prompt=tok.decode(w[:1].tolist()), reference=tok.decode(w[1:].tolist()),
+                       metrics=self.window_metrics(it),
+                       base_metrics=self.window_metrics(base_items[i]) if base_items else None)
+                for i, (w, it) in enumerate(zip(self.windows(tok), result["items"]))]
 
 
 def _cols(items):
