@@ -1,9 +1,11 @@
 """The Markdown view of a JSON report (`api.evaluate`): one row per (task, metric), value [95% CI], n and,
-against the base, its value and the paired delta [CI]; headline metrics first, summary-only numbers after."""
+against the base, its value and the paired delta [CI]; headline metrics first, summary-only numbers after;
+last, what the numbers rest on (`evaluation.provenance`: model source, texts, window, n)."""
 from __future__ import annotations
 
 import math
 
+from lmsqueeze.evaluation import provenance
 from lmsqueeze.evaluation.task import headline_of
 
 # summary entries shown besides the metrics, per task kind ("a.b" for nested ones)
@@ -79,4 +81,16 @@ def render_markdown(report: dict) -> str:
         out += ["", "| task | summary | value |", "|---|---|---|"] + extra
     if notes:
         out += [""] + [f"- {n}" for n in notes]
+    out += ["", "What these numbers rest on:"] + provenance.markdown(provenance_of(report))
+    samples = [r["samples_file"] for r in report["results"] if r.get("samples_file")]
+    if samples:
+        out.append("- per-item sample records: " + ", ".join(samples))
     return "\n".join(out)
+
+
+def provenance_of(report: dict) -> dict:
+    """The provenance block (`evaluation.provenance.describe`) of an evaluation report."""
+    done = [r for r in report["results"] if "skipped" not in r]
+    n = {f"{r['task']}/{k}": m["n"] for r in done for k, m in r.get("metrics", {}).items() if m.get("n") is not None}
+    return provenance.describe(report.get("model"), report.get("base"), [r["task"] for r in done],
+                               report.get("settings", {}).get("seqlen"), n)

@@ -4,7 +4,9 @@ Safety of an interrupted run: a cell's line is written whole (one os.write of th
 then fsync) only after the cell finished, so a kill loses at most the cell in progress. On resume a
 torn last line (a kill inside the write) is cut off, and every cell whose key is already in
 results.jsonl is skipped. Compressed checkpoints are written only with keep_models, so disk use
-stays at one results file plus the shared base-model cache.
+stays at one results file plus the shared base-model cache. With log_samples every cell's per-item
+sample records go to DIR/samples/<cell key>/samples_<task>.jsonl (`evaluation.api.write_samples`) and
+its record lists them under "samples".
 """
 from __future__ import annotations
 
@@ -112,10 +114,11 @@ def record_metrics(report: dict) -> tuple[dict, list, dict]:
 
 # ---- running ----------------------------------------------------------------------------------------
 
-def run_study(spec: StudySpec, output_dir: str | os.PathLike, *, on_cell=None) -> list[dict]:
+def run_study(spec: StudySpec, output_dir: str | os.PathLike, *, on_cell=None, log_samples: bool = False) -> list[dict]:
     """Run every cell of `spec` not yet in OUTPUT_DIR/results.jsonl; returns all records (old and new).
 
     on_cell(record) is called after each new cell's line is written (the CLI prints progress with it).
+    log_samples: write each new cell's per-item sample records under OUTPUT_DIR/samples/ (module docstring).
     """
     out = Path(output_dir)
     tasks = _check_tasks(spec)  # bad task names, files or missing packages fail before any work
@@ -138,7 +141,7 @@ def run_study(spec: StudySpec, output_dir: str | os.PathLike, *, on_cell=None) -
         prepare_base(spec, tasks)
     for i, cell in enumerate(todo):
         log.info("study: cell %d/%d: %s", i + 1, len(todo), cell.label)
-        record = run_cell(spec, cell, tasks, out)
+        record = run_cell(spec, cell, tasks, out, log_samples=log_samples)
         append_record(out, record)
         if on_cell is not None:
             on_cell(record)
@@ -181,7 +184,7 @@ def prepare_base(spec: StudySpec, tasks: list[str]) -> dict:
     return info
 
 
-def run_cell(spec: StudySpec, cell: Cell, tasks: list[str], out: Path) -> dict:
+def run_cell(spec: StudySpec, cell: Cell, tasks: list[str], out: Path, log_samples: bool = False) -> dict:
     """Load the base model fresh, compress it as the cell says, evaluate it against the base; the record."""
     import torch
 
@@ -213,14 +216,20 @@ def run_cell(spec: StudySpec, cell: Cell, tasks: list[str], out: Path) -> dict:
         del calib
     t_eval = time.perf_counter()
     report = evaluate(model, tok, tasks=tasks, base=spec.model, model_name=f"{spec.model} [{cell.label}]",
-                      base_name=spec.model, log_samples=False, **_eval_kwargs(spec))
+                      base_name=spec.model, log_samples=log_samples, **_eval_kwargs(spec))
+    samples = {}
+    if log_samples:
+        from lmsqueeze.evaluation.api import write_samples
+
+        written = write_samples(report, out / "samples" / cell.key(spec))
+        samples = {task: str(Path(p).relative_to(out)) for task, p in written.items()}
     metrics, headline, groups = record_metrics(report)
     record = {
         "schema": SCHEMA,
         "key": cell.key(spec), "label": cell.label, "method": cell.method, "sparsity": cell.sparsity,
         "bits": cell.bits, "calib": cell.calib, "model": spec.model, "config": cell.config,
         "calibration": cell.calibration, "eval": spec.eval_settings(), "compression": compression,
-        "metrics": metrics, "headline": headline, "groups": groups,
+        "metrics": metrics, "headline": headline, "groups": groups, "samples": samples,
         "summaries": {r["task"]: r.get("summary", {"skipped": r.get("skipped")}) for r in report["results"]},
         "base_forwards": report["base_forwards"], "model_forwards": report["model_forwards"],
         "eval_seconds": time.perf_counter() - t_eval, "seconds": time.perf_counter() - t0,
