@@ -107,13 +107,16 @@ def summarize(judged: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
     """Metrics from per-item judgments.
 
     judged[i]: {"identical": bool, "verdicts": {"model_second": v1, "model_first": v2}} with v in A/B/tie/None
-    ("model_second": the base's answer was Response A). Returns {metrics, counts}.
+    ("model_second": the base's answer was Response A). Returns {metrics, counts}; sets each item's "score"
+    (its mean outcome for the compressed model, None when no order gave a verdict).
     """
     scores, ties, consistent, first_pick = [], [], [], []
     unparsed = no_verdict = identical = 0
     for j in judged:
+        j["score"] = None
         if j["identical"]:
             identical += 1
+            j["score"] = 0.5
             scores.append(0.5)
             ties.append(1.0)
             consistent.append(1.0)
@@ -130,7 +133,8 @@ def summarize(judged: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
         if not outs:
             no_verdict += 1
             continue
-        scores.append(float(np.mean(outs)))
+        j["score"] = float(np.mean(outs))
+        scores.append(j["score"])
         ties.append(float(all(o == 0.5 for o in outs)))
         if len(outs) == 2:
             consistent.append(float(outs[0] == outs[1]))
@@ -312,18 +316,20 @@ class EndpointJudge(Judge):
 
 def judge_from_options(extra: dict) -> Judge | None:
     """The judge named by the evaluation options (CLI: --judge MODEL or --judge-url URL with --judge-model,
-    --judge-key-env, --judge-retries, --judge-budget, --judge-cache), or None."""
+    --judge-key-env, --judge-retries, --judge-budget, --judge-cache, --judge-max-tokens), or None."""
     name, url = extra.get("judge"), extra.get("judge_url")
     if name and url:
         raise LmsqueezeError(f"give one judge: --judge {name} or --judge-url {url}, not both")
-    budget = extra.get("judge_budget")
+    budget, tokens = extra.get("judge_budget"), extra.get("judge_max_tokens")
+    if tokens is not None and tokens < 1:
+        raise LmsqueezeError(f"judge max tokens must be >= 1, got {tokens}")
     if url:
         return EndpointJudge(url, model=extra.get("judge_model") or "default",
                              key_env=extra.get("judge_key_env") or "OPENAI_API_KEY",
                              retries=int(extra.get("judge_retries", 3)), budget=budget,
-                             cache_dir=extra.get("judge_cache"))
+                             cache_dir=extra.get("judge_cache"), max_tokens=tokens or 256)
     if name:
-        return LocalJudge(name, cache_dir=extra.get("judge_cache"), budget=budget)
+        return LocalJudge(name, cache_dir=extra.get("judge_cache"), budget=budget, max_new_tokens=tokens or 64)
     return None
 
 
