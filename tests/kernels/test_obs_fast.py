@@ -139,8 +139,8 @@ def test_cpu_input_not_modified_and_errors():
 
 @needs_triton
 @pytest.mark.parametrize("rows,cols,blocksize,modes", [
-    (13, 128, 64, ["unstructured-0.5", "2:4", "gptq-4b-g16", "gptq-3b-sym-row", "joint-2:4-4b-g8"]),
-    (37, 256, 128, ["unstructured-0.5", "joint-0.3-8b-g24"]),
+    (13, 96, 32, ["unstructured-0.5", "2:4", "gptq-4b-g16", "gptq-3b-sym-row", "joint-2:4-4b-g8"]),
+    (21, 128, 64, ["unstructured-0.5", "joint-0.3-8b-g24"]),
     (1, 40, 16, ["4:8"]),
 ])
 def test_triton_matches_reference(rows, cols, blocksize, modes):
