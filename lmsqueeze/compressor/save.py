@@ -24,6 +24,7 @@ from lmsqueeze.errors import LmsqueezeError
 log = logging.getLogger("lmsqueeze")
 
 METADATA = "lmsqueeze.json"
+SCHEMA = "lmsqueeze.compressed/1"
 
 
 def _versions() -> dict:
@@ -189,7 +190,9 @@ def save_compressed(model, tokenizer, directory: str | os.PathLike, report=None,
             else formats.Plan(format or "dense"))
     if cfg_obj is None and plan.format != "dense":
         raise LmsqueezeError(f"--format {plan.format} needs the compression config (pass report= or config=)")
-    meta: dict = {"format": "lmsqueeze-compressed/1", "model": model_name or getattr(model.config, "_name_or_path", None)}
+    # schema: this file's layout version (docs/report-schema.md); format: the same, kept for older readers
+    meta: dict = {"schema": SCHEMA, "format": "lmsqueeze-compressed/1",
+                  "model": model_name or getattr(model.config, "_name_or_path", None)}
     if report is not None:
         meta.update(report.to_dict())
     if config is not None:
