@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from lmsqueeze import models
+from lmsqueeze.data import instruction_records as read_instructions
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.evaluation.api import evaluate
-from lmsqueeze.evaluation.tasks.instruct import read_instructions, sample
+from lmsqueeze.evaluation.tasks.instruct import sample
 
 UNNATURAL = {"instruction": "You are given a sentence. Tell whether it is a question.",
              "instances": [{"instruction_with_input": "You are given a sentence. Tell whether it is a question.\n"
@@ -34,10 +35,12 @@ def test_layouts(tmp_path):
     bad.write_text(json.dumps([{"prompt": "x", "completion": "y"}]))
     with pytest.raises(LmsqueezeError, match=r"record 0 has fields \['completion', 'prompt'\]"):
         read_instructions(bad)
-    bad.write_text(json.dumps([{"instruction": "x", "output": ""}]))
-    with pytest.raises(LmsqueezeError, match="'output' must be a non-empty string"):
+    bad.write_text(json.dumps([{"instruction": "x", "output": 3}]))
+    with pytest.raises(LmsqueezeError, match="'output' must be a non-empty string, got 3"):
         read_instructions(bad)
-    with pytest.raises(LmsqueezeError, match="valid: .json, .jsonl"):
+    bad.write_text(json.dumps([{"instruction": "x", "output": ""}, {"instruction": "y", "output": "z"}]))
+    assert read_instructions(bad) == [{"instruction": "y", "input": "", "output": "z"}]  # nothing to score
+    with pytest.raises(LmsqueezeError, match="valid: alpaca, or a .json, .jsonl"):
         read_instructions(tmp_path / "x.csv")
 
 

@@ -1,7 +1,8 @@
 """Instruction following from any file (`instruct:FILE`): the `alpaca` task's protocol on a seeded sample of a
 user's instruction data, plus the pairwise judge when one is given.
 
-Accepted layouts (JSON list, or JSONL with one record a line):
+FILE: `alpaca`, or a file (.json list, .jsonl, either gzip-compressed; `data.instruction_records`) in one of
+the layouts:
 - flat records `{"instruction", "input" (optional), "output"}` (Alpaca, Dolly-like files);
 - the Unnatural Instructions layout (Honovich et al., 2023): `{"instruction", "instances": [{
   "instruction_with_input", "input", "constraints", "output"}, ...]}`; every instance is one item whose
@@ -21,71 +22,10 @@ metrics judge_score / judge_scored (win_rate is the judge_scored-weighted mean o
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
-from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.data import instruction_records
 from lmsqueeze.evaluation.task import Headline, SampleMetric, digest, register
 from lmsqueeze.evaluation.tasks.alpaca import AlpacaTask
-from lmsqueeze.io import iter_jsonl, read_json_file
-
-
-def _text(value, where: str, field: str, required: bool = True) -> str:
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str) or (required and not value.strip()):
-        raise LmsqueezeError(f"{where}: field '{field}' must be a non-empty string, got {value!r}")
-    return value
-
-
-def flatten(records: list, path: str) -> list[dict]:
-    """[{instruction, input, output}] from flat or Unnatural Instructions records (module docstring);
-    a record of neither layout fails naming its index and the fields it has."""
-    out = []
-    for i, rec in enumerate(records):
-        where = f"{path}: record {i}"
-        if not isinstance(rec, dict):
-            raise LmsqueezeError(f"{where} is {type(rec).__name__}, expected an object")
-        if "instances" in rec:
-            if not isinstance(rec["instances"], list) or not rec["instances"]:
-                raise LmsqueezeError(f"{where}: 'instances' must be a non-empty list")
-            for j, inst in enumerate(rec["instances"]):
-                w = f"{where} instance {j}"
-                if not isinstance(inst, dict):
-                    raise LmsqueezeError(f"{w} is {type(inst).__name__}, expected an object")
-                if inst.get("instruction_with_input"):
-                    prompt, inp = _text(inst["instruction_with_input"], w, "instruction_with_input"), ""
-                else:
-                    prompt = _text(rec.get("instruction"), where, "instruction")
-                    inp = _text(inst.get("input"), w, "input", required=False)
-                constraints = _text(inst.get("constraints"), w, "constraints", required=False).strip()
-                if constraints:
-                    prompt = f"{prompt}\n{constraints}"
-                out.append({"instruction": prompt, "input": inp, "output": _text(inst.get("output"), w, "output")})
-        elif "instruction" in rec and "output" in rec:
-            out.append({"instruction": _text(rec["instruction"], where, "instruction"),
-                        "input": _text(rec.get("input"), where, "input", required=False),
-                        "output": _text(rec["output"], where, "output")})
-        else:
-            raise LmsqueezeError(f"{where} has fields {sorted(rec)}; expected instruction/input/output or the "
-                                 f"Unnatural Instructions layout (instruction + instances)")
-    return out
-
-
-def read_instructions(path: str | Path) -> list[dict]:
-    """Every item of an instruction file (.json list or .jsonl), flattened (see `flatten`)."""
-    p = Path(path).expanduser()
-    if p.suffix.lower() == ".jsonl":
-        records = [rec for _, rec in iter_jsonl(p, "instruction file")]
-    elif p.suffix.lower() == ".json":
-        records = read_json_file(p, "instruction file")
-        if not isinstance(records, list):
-            raise LmsqueezeError(f"{p}: expected a JSON list of instruction records, got {type(records).__name__}")
-    else:
-        raise LmsqueezeError(f"instruction file '{path}': unsupported type '{p.suffix}'; valid: .json, .jsonl")
-    items = flatten(records, str(p))
-    if not items:
-        raise LmsqueezeError(f"instruction file '{path}' holds no items")
-    return items
 
 
 def sample(items: list, n: int | None, seed: int) -> list:
@@ -107,7 +47,7 @@ class InstructTask(AlpacaTask):
     def load(self):
         from lmsqueeze.evaluation.judge import judge_from_options
 
-        self.records = sample(read_instructions(self.arg), self.opts.limit, self.opts.seed)
+        self.records = sample(instruction_records(self.arg, self.opts.data_dir), self.opts.limit, self.opts.seed)
         self.judge = judge_from_options(self.opts.extra)  # a bad judge setting fails before any model loads
 
     def fingerprint(self):
