@@ -110,6 +110,15 @@ class PerplexityTask(Task):
         check_sequence_length(model_or_config, self.opts.seqlen, f"{self.name}: the window (--eval-seqlen)")
 
     def windows(self, tokenizer):
+        # run() and samples() both cut the text; tokenizing a long text twice costs seconds
+        memo = getattr(self, "_windows_memo", None)
+        if memo is not None and memo[0] is tokenizer:
+            return memo[1]
+        wins = self._cut(tokenizer)
+        self._windows_memo = (tokenizer, wins)
+        return wins
+
+    def _cut(self, tokenizer):
         tokens = tokenize_text(tokenizer, self.text)
         wins = windows(tokens, self.opts.seqlen, self.opts.limit)
         if not wins:
