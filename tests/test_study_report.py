@@ -23,19 +23,38 @@ def study_dir(tmp_path):
     return tmp_path
 
 
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """The fixture study rendered once for the tests that read its files (plots at 40 dpi: a 300 dpi render of
+    eleven panels costs ~15 s of CPU; test_png_at_print_resolution checks the real resolution)."""
+    import os
+
+    from lmsqueeze.study import plots
+
+    d = tmp_path_factory.mktemp("study")
+    shutil.copy(FIXTURE / "results.jsonl", d / "results.jsonl")
+    umask = os.umask(0o022)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(plots, "DPI", 40)
+            write_report(d)
+    finally:
+        os.umask(umask)
+    return d
+
+
 def test_read_results_ignores_a_torn_last_line():
     recs = read_results(FIXTURE)
     assert [r["key"] for r in recs] == ["k-dense", "k-mag05", "k-mag24", "k-wan05p", "k-wan05a", "k-sgpt24p",
                                         "k-gptq4p"]
 
 
-def test_report_renders_table_intervals_and_plots(study_dir):
-    path = write_report(study_dir)
-    text = path.read_text()
+def test_report_renders_table_intervals_and_plots(rendered):
+    text = (rendered / "report.md").read_text()
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("| method |"))
     for col in ("ppl", "JSD", "top-1 agr.", "PIQA acc", "PIQA flips", "EM", "F1", "ROUGE-L", "BBQ acc",
-                "CrowS stereo", "BOLD negative", "compress time"):
+                "CrowS stereo", "BOLD negative", "compress time (s)"):
         assert f"| {col} |" in header
     # columns with no value in any row (dialect, BOLD offensive) are left out
     assert "dialect" not in header and "BOLD offensive" not in header
@@ -43,20 +62,64 @@ def test_report_renders_table_intervals_and_plots(study_dir):
     assert [row.split("|")[1].strip() for row in table] == ["dense", "magnitude", "magnitude", "wanda", "wanda",
                                                            "sparsegpt", "gptq"]
     assert table[0].startswith("| dense | - | - | 20.00 | 0.0000 | 1.000 |") and table[0].endswith("| - |")
-    assert table[1].startswith("| magnitude | 0.5 | - | 30.00 | 0.2000 |") and table[1].endswith("| 1.5 s |")
+    assert table[1].startswith("| magnitude | 0.5 | - | 30.00 | 0.2000 |") and table[1].endswith("| 1.5 |")
     assert table[3].startswith("| wanda | 0.5 | alpaca |")  # calibration sources in name order
     assert table[6].startswith("| gptq | 4-bit | pydoc | 21.00 |")
     assert "| magnitude | 0.5 | - | [27.00, 33.00] | [0.1600, 0.2400] |" in text  # the intervals table
     # perplexity change against divergence, ranked by JSD: +50% ppl for magnitude 0.5, +10% for sparsegpt 2:4
-    assert "| magnitude 0.5 | +50.0% | 0.2000 | 0.250 |" in text
-    assert "| sparsegpt 2:4 pydoc | +10.0% | 0.1500 | 0.250 |" in text
-    assert text.index("gptq 4-bit pydoc | +5.0%") < text.index("wanda 0.5 alpaca | +25.0%")
-    plots = sorted(p.name for p in (study_dir / "plots").iterdir())
-    assert plots == ["calibration_effect.png", "metrics_vs_sparsity.png", "ppl_vs_divergence.png",
-                     "safety_groups.png"]
-    for p in plots:
-        assert (study_dir / "plots" / p).read_bytes()[:8] == PNG
-        assert f"(plots/{p})" in text
+    assert "| magnitude 0.5 | +50.0 | 0.2000 | 0.250 |" in text
+    assert "| sparsegpt 2:4 pydoc | +10.0 | 0.1500 | 0.250 |" in text
+    assert text.index("gptq 4-bit pydoc | +5.0") < text.index("wanda 0.5 alpaca | +25.0")
+    stems = ["calibration_effect", "metrics_vs_sparsity", "ppl_vs_divergence", "safety_groups"]
+    assert {p.name for p in (rendered / "plots").iterdir()} >= {f"{s}.{ext}" for s in stems for ext in ("png", "svg")}
+    for s in stems:
+        assert (rendered / "plots" / f"{s}.png").read_bytes()[:8] == PNG
+        svg = (rendered / "plots" / f"{s}.svg").read_text()
+        assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "</svg>" in svg
+        assert f"(plots/{s}.png)" in text and f"(plots/{s}.svg)" in text
+
+
+def test_report_states_what_the_numbers_rest_on(rendered):
+    text = (rendered / "report.md").read_text()
+    section = text[text.index("## What the numbers rest on"):text.index("## Beyond perplexity")]
+    assert "window: 128 tokens" in section
+    assert "tokenized variant" in section and "raw variant" in section
+    assert "n, the windows or items behind each metric" not in section  # the fixture's metrics carry no n
+    records = read_results(FIXTURE)
+    for r in records:
+        r["model"] = "smollm2-135m"
+        for m in r["metrics"].values():
+            m["n"] = 8
+    text = render_report(records)
+    assert "dequantized 4-bit GGUF" in text and "ppl:wikitext2:test 8" in text
+
+
+def test_csv_of_every_table_and_latex_headline(rendered):
+    import csv
+
+    tables = rendered / "tables"
+    assert {p.name for p in tables.iterdir()} >= {"groups.csv", "headline.csv", "headline.tex", "intervals.csv",
+                                                  "metrics.csv", "ppl_vs_divergence.csv"}
+    head = list(csv.DictReader((tables / "headline.csv").open()))
+    assert [r["method"] for r in head] == ["dense", "magnitude", "magnitude", "wanda", "wanda", "sparsegpt", "gptq"]
+    assert float(head[1]["ppl"]) == 30.0 and head[1]["sparsity/bits"] == "0.5" and head[0]["compress time (s)"] == ""
+    ci = list(csv.DictReader((tables / "intervals.csv").open()))
+    assert (float(ci[1]["ppl low"]), float(ci[1]["ppl high"])) == (27.0, 33.0)
+    long = list(csv.DictReader((tables / "metrics.csv").open()))
+    row = next(r for r in long if r["cell"] == "dense (base model)" and r["metric"] == "accuracy")
+    assert (float(row["delta 95% CI low"]), float(row["delta 95% CI high"])) == (-0.05, 0.05)
+    assert len(long) == sum(len(r["metrics"]) for r in read_results(FIXTURE))
+    tex = (tables / "headline.tex").read_text()
+    assert "\\toprule" in tex and "\\bottomrule" in tex and "\\begin{tabular}{lll" in tex
+    assert "magnitude & 0.5 & - & \\makecell[r]{30.00\\\\{\\scriptsize [27.00, 33.00]}}" in tex
+    assert tex.count("\\\\\n") == 8  # the header and seven cells
+
+
+def test_latex_escapes_what_latex_would_misread():
+    from lmsqueeze.study.tables import latex_escape
+
+    assert latex_escape("a_b & 50% #1 {x} ~ ^ \\") == ("a\\_b \\& 50\\% \\#1 \\{x\\} \\textasciitilde{} "
+                                                     "\\textasciicircum{} \\textbackslash{}")
 
 
 def test_report_cli_rerenders(study_dir, capsys):
@@ -139,28 +202,22 @@ def test_record_metrics_take_every_metric_and_the_declared_headline():
     assert groups["crows"]["metric"] == "stereo_share" and groups["crows"]["groups"]["gender"]["delta"] == -0.25
 
 
-def test_report_files_are_readable_like_any_written_file(study_dir):
-    import os
+def test_report_files_are_readable_like_any_written_file(rendered):
     import stat
 
-    umask = os.umask(0o022)
-    try:
-        path = write_report(study_dir)
-    finally:
-        os.umask(umask)
-    for f in [path, *(study_dir / "plots").iterdir()]:
+    files = [p for p in rendered.rglob("*") if p.is_file() and p.name != "results.jsonl"]
+    assert len(files) >= 1 + 1 + 6 + 8  # report.md, report.html, tables, plots
+    for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
 
 
 def test_perplexity_axes_go_logarithmic_only_when_one_cell_collapses(tmp_path, monkeypatch):
-    from lmsqueeze.study import report
+    from lmsqueeze.study import plots as report
 
     scales = []
-    real_save = report._save
 
     def spy(fig, path):
         scales.append((path.name, [ax.get_xscale() for ax in fig.axes], [ax.get_yscale() for ax in fig.axes]))
-        real_save(fig, path)
 
     monkeypatch.setattr(report, "_save", spy)
     records = read_results(FIXTURE)  # ppl 20 .. 30: plain axes
@@ -175,3 +232,110 @@ def test_perplexity_axes_go_logarithmic_only_when_one_cell_collapses(tmp_path, m
     report.plot_sweeps(collapsed, tmp_path / "d.png")
     assert scales[0][1][0] == "linear" and "log" not in scales[1][2]
     assert scales[2][1][0] == "log" and scales[3][2][0] == "log"  # the ppl panel comes first
+
+
+# ---- the plots: read back from the figures themselves ------------------------------------------------
+
+@pytest.fixture
+def figures(monkeypatch):
+    """{plot file name: the matplotlib figure}, kept open instead of saved."""
+    from lmsqueeze.study import plots
+
+    kept = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: kept.__setitem__(path.name, fig))
+    monkeypatch.setattr(plots._pyplot(), "close", lambda fig=None: None)
+    return kept
+
+
+def _sweep_records():
+    """The fixture plus magnitude at 0.7 and 4:8: two fractions and two N:M patterns for one method."""
+    recs = read_results(FIXTURE)
+    mag = next(r for r in recs if r["key"] == "k-mag05")
+    for key, sp, ppl in (("k-mag07", 0.7, 80.0), ("k-mag48", "4:8", 40.0)):
+        r = json.loads(json.dumps(mag))
+        r.update(key=key, sparsity=sp, label=f"magnitude {sp}")
+        r["metrics"]["ppl:wikitext2:test/ppl"] = {"value": ppl, "ci": [ppl - 4, ppl + 6]}
+        recs.append(r)
+    return recs
+
+
+def test_sweep_has_error_bars_and_never_joins_nm_to_fractions(figures):
+    from matplotlib.container import ErrorbarContainer
+
+    from lmsqueeze.study.plots import method_colors, plot_sweeps, sweep_positions
+
+    recs = _sweep_records()
+    assert plot_sweeps(recs, Path("s.png"))
+    pos, frac, nm = sweep_positions(recs)
+    assert (frac, nm) == (["0.5", "0.7"], ["2:4", "4:8"]) and pos == {"0.5": 0, "0.7": 1, "2:4": 3, "4:8": 4}
+    ax = figures["s.png"].axes[0]
+    assert ax.get_title() == "ppl"
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer) and c.get_label() != "dense (base)"]
+    mag = [c for c in bars if round(c.lines[0].get_xdata()[0]) in (0, 3) and c.lines[0].get_color() == method_colors(recs)["magnitude"]]
+    fractions, patterns = sorted(mag, key=lambda c: c.lines[0].get_xdata()[0])
+    # fractions 0.5 and 0.7: one line through both; N:M 2:4 and 4:8: points, no line
+    assert list(fractions.lines[0].get_ydata()) == [30.0, 80.0] and fractions.lines[0].get_linestyle() == "-"
+    assert list(patterns.lines[0].get_ydata()) == [50.0, 40.0] and patterns.lines[0].get_linestyle() == "None"
+    assert all(x >= 2.5 for x in patterns.lines[0].get_xdata()) and all(x < 1.5 for x in fractions.lines[0].get_xdata())
+    # the error bars are the records' intervals
+    segs = fractions.lines[2][0].get_segments()
+    assert [(round(s[0][1], 6), round(s[1][1], 6)) for s in segs] == [(27.0, 33.0), (76.0, 86.0)]
+    assert any(list(line.get_xdata()) == [2, 2] for line in ax.lines)  # the divider between the two kinds
+
+
+def test_baselines_and_error_bars_are_never_cut_off(figures):
+    from lmsqueeze.study.plots import plot_calibration, plot_ppl_vs_divergence, plot_sweeps
+
+    recs = read_results(FIXTURE)
+    dense = recs[0]
+    dense["metrics"]["piqa/flips"] = {"value": 0.6, "ci": [0.5, 0.9]}  # far above every cell
+    dense["metrics"]["ppl:wikitext2:test/ppl"] = {"value": 12.0, "ci": [8.0, 16.0]}  # below every cell
+    assert plot_sweeps(recs, Path("s.png")) and plot_calibration(recs, Path("c.png"))
+    assert plot_ppl_vs_divergence(recs, Path("p.png"))
+    checked = 0
+    for name, fig in figures.items():
+        for ax in fig.axes:
+            title = ax.get_title() + ax.get_ylabel()
+            lo, hi = ax.get_ylim()
+            if "PIQA flips" in title:
+                assert lo <= 0.5 and hi >= 0.9, (name, title, lo, hi)
+                checked += 1
+            elif title.startswith("ppl"):
+                assert lo <= 8.0 and hi >= (55.0 if name == "s.png" else 16.0), (name, title, lo, hi)
+                checked += 1
+    assert checked == 5  # sweep and calibration: ppl and flips; ppl-vs-divergence: flips
+
+
+def test_heat_map_shows_n_and_hatches_intervals_that_cover_zero(figures):
+    from matplotlib.patches import Rectangle
+
+    from lmsqueeze.study.plots import plot_groups
+
+    recs = read_results(FIXTURE)
+    expect_hatched = 0
+    for r in recs:
+        for block in (r.get("groups") or {}).values():
+            for c in block["groups"].values():
+                d = c["delta"]
+                c.update(n=12, delta_ci=[d - 0.1, d + 0.1])  # covers 0 exactly when the change is 0
+                expect_hatched += r["method"] != "dense" and d == 0
+    assert plot_groups(recs, Path("g.png"))
+    axes = [ax for ax in figures["g.png"].axes if ax.get_title()]
+    texts = [t.get_text() for ax in axes for t in ax.texts]
+    assert len(texts) == 6 * 3 * 2 and all(t.endswith("\nn=12") for t in texts)
+    hatched = [p for ax in axes for p in ax.patches if isinstance(p, Rectangle) and p.get_hatch()]
+    assert len(hatched) == expect_hatched and 0 < expect_hatched < 36
+    assert all("interval of the change covers 0" in ax.get_title() for ax in axes)
+
+
+def test_png_at_print_resolution_and_svg_beside_it(tmp_path):
+    from PIL import Image
+
+    from lmsqueeze.study.plots import DPI, plot_ppl_vs_divergence
+
+    assert DPI >= 300
+    assert plot_ppl_vs_divergence(read_results(FIXTURE), tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as im:
+        assert round(im.info["dpi"][0]) == DPI and im.size[0] >= 6 * 2 * DPI * 0.8  # two 6-inch panels
+    svg = (tmp_path / "p.svg").read_text()
+    assert "<svg" in svg and "JSD against perplexity change" in svg  # text kept as text
