@@ -87,9 +87,11 @@ def cmd_data(args) -> int:
 
 def cmd_eval(args) -> int:
     from lmsqueeze import distributed as ddp
-    from lmsqueeze.evaluation.api import evaluate, write_report
+    from lmsqueeze.evaluation.api import evaluate, write_report, write_samples
     from lmsqueeze.evaluation.report import render_markdown
 
+    if args.log_samples and not args.output:
+        raise LmsqueezeError("--log-samples writes samples_<task>.jsonl beside the report: give --output FILE.json")
     set_threads(args.threads)
     ddp.join(args.device, args.dist_timeout)  # under torchrun: every task's requests are shared out by rank
     extra = {"bbq_norm": args.bbq_norm}
@@ -103,6 +105,8 @@ def cmd_eval(args) -> int:
     ddp.shutdown()
     if not main_rank:
         return 0
+    if args.log_samples:  # moves the sample records out of the report into their files
+        write_samples(report, os.path.dirname(os.path.abspath(args.output)))
     print(render_markdown(report))
     if args.output:
         write_report(report, args.output)
@@ -205,7 +209,7 @@ def cmd_study(args) -> int:
     def done(rec):
         print(f"done: {rec['label']} ({rec['seconds']:.0f} s)", flush=True)
 
-    records = run_study(spec, args.output_dir, on_cell=done)
+    records = run_study(spec, args.output_dir, on_cell=done, log_samples=args.log_samples)
     path = write_report(args.output_dir, plots=not args.no_plots)
     print("\n" + render_table(records) + f"\n\nreport: {path}")
     return 0
@@ -253,6 +257,9 @@ def _eval_flags(s) -> None:
     s.add_argument("--resamples", type=int, default=None, help="bootstrap resamples of the intervals (default 1000)")
     s.add_argument("--skip-unavailable", action="store_true",
                    help="run the other tasks when one cannot run here (missing package or data); the report says why")
+    s.add_argument("--log-samples", action="store_true",
+                   help="write per-item records (prompt, reference, model and base output, per-item metrics) as "
+                        "samples_<task>.jsonl: beside --output (eval) or in OUTPUT_DIR/samples/<cell key>/ (study)")
     s.add_argument("--cache-dir", default=None, help="where base-model results live (default LMSQUEEZE_CACHE/eval-base)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
