@@ -129,3 +129,44 @@ def test_safety_samples_trace_their_metrics(name):
     check_traceable(result, samples, task.sample_metrics)
     assert any(s["output"] != s["base_output"] for s in samples)  # the two sides really differ
     json.dumps(samples)  # JSON-serialisable as written
+
+
+def test_cli_eval_log_samples_writes_files_beside_the_report(tmp_path, capsys):
+    from lmsqueeze.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"Line {i} of a short text." for i in range(30)))
+    out = tmp_path / "out" / "report.json"
+    common = ["eval", "--model", "tiny-llama", "--base", "tiny-llama", "--tasks", f"ppl:{text}", "--limit", "2",
+              "--eval-seqlen", "16", "--resamples", "10", "--cache-dir", str(tmp_path / "cache")]
+    assert main(common + ["--log-samples"]) == 2
+    assert "--log-samples" in capsys.readouterr().err and not out.parent.exists()  # fails before any work
+    assert main(common + ["--output", str(out), "--log-samples"]) == 0
+    shown = capsys.readouterr().out
+    samples = out.parent / ("samples_ppl_" + str(text).strip("/").replace("/", "_") + ".jsonl")
+    assert f"per-item sample records: {samples}" in shown and "What these numbers rest on:" in shown
+    report = json.loads(out.read_text())
+    (r,) = report["results"]
+    assert r["samples_file"] == str(samples) and "samples" not in r
+    lines = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["reference"]
+    check_traceable(r, lines, r["sample_metrics"])
+
+
+def test_study_log_samples_per_cell(tmp_path):
+    from lmsqueeze.study import StudySpec, run_study
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"Line {i} of a short text." for i in range(30)))
+    spec = StudySpec(model="tiny-llama", methods="magnitude", sparsity="0.5", suite=None, tasks=f"ppl:{text}",
+                     limit=2, eval_seqlen=16, resamples=10, dense=False, dtype="fp32",
+                     cache_dir=str(tmp_path / "cache"))
+    (rec,) = run_study(spec, tmp_path / "study", log_samples=True)
+    (task, rel), = rec["samples"].items()
+    path = tmp_path / "study" / rel
+    assert task == f"ppl:{text}" and path.parent == tmp_path / "study" / "samples" / rec["key"]
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == 2
+    rule = SampleMetric("nll", "tokens", exp=True)
+    assert math.isclose(aggregate(lines, rule), rec["metrics"][f"{task}/ppl"]["value"], rel_tol=1e-9)
+    assert math.isclose(aggregate(lines, rule, "base_metrics"), rec["metrics"][f"{task}/ppl"]["base"], rel_tol=1e-9)
