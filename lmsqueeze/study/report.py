@@ -99,6 +99,10 @@ def write_report(directory: str | os.PathLike, plots: bool = True) -> Path:
     records = read_results(directory)
     made = write_plots(records, directory / "plots") if plots and records else []
     text = render_report(records, made)
+    from lmsqueeze.study.agreement import (
+        agreement_section,  # cheap vs expensive metrics across cells (issue 20)
+    )
+    text += agreement_section(records, directory, plots=plots)
     for t in all_tables(records):
         write_text_atomic(directory / "tables" / f"{t.name}.csv", to_csv(t))
     write_text_atomic(directory / "tables" / "headline.tex", headline_latex(
