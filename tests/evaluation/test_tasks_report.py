@@ -116,6 +116,26 @@ def test_markdown_is_rendered_from_the_json():
     assert "- piqa: acc_norm divides by the characters of each choice" in md
 
 
+def test_eval_report_states_what_the_numbers_rest_on(tmp_path):
+    m = {"value": 30.0, "ci": [28.0, 32.0], "n": 40}
+    rep = {"model": str(tmp_path / "sparse"), "base": "smollm2-135m", "settings": {"seqlen": 256}, "results": [
+        {"task": "ppl:wikitext2", "kind": "ppl", "summary": {}, "metrics": {"ppl": m, "nll": m}},
+        {"task": "piqa", "kind": "piqa", "summary": {}, "metrics": {"acc": {"value": 0.5, "n": 100},
+                                                                      "flips": {"value": 0.1, "n": 100}}}]}
+    (tmp_path / "sparse").mkdir()
+    (tmp_path / "sparse" / "lmsqueeze.json").write_text(json.dumps({"model": "smollm2-135m"}))
+    md = render_markdown(rep)
+    rest = md[md.index("What these numbers rest on:"):].splitlines()
+    assert rest[1].startswith(f"- model: `{tmp_path / 'sparse'}`: an lmsqueeze checkpoint compressed from smollm2-135m")
+    assert "dequantized 4-bit GGUF" in rest[1] and "dequantized 4-bit GGUF" in rest[2]  # the base, and so the model
+    assert "- window: 256 tokens per perplexity/divergence window (ppl:wikitext2)" in md
+    assert "WikiText-2 test split, tokenized variant" in md and "not comparable with papers" in md
+    assert rest[-1] == "- n, the windows or items behind each metric: ppl:wikitext2 40; piqa 100"
+    rep["model"], rep["base"] = "tiny-llama", None
+    md = render_markdown(rep)
+    assert "GGUF" not in md and "a tiny randomly initialised test model" in md
+
+
 def test_alpaca_end_to_end_with_base(tmp_path):
     from lmsqueeze import models
 
