@@ -151,10 +151,22 @@ def _tied_weight_ids(model: nn.Module) -> set[int]:
 
 def load_sparse(name_or_path: str, dtype: str | torch.dtype | None = "bf16", device: str | torch.device = "cpu",
                 backend: str | None = None):
-    """(model, tokenizer, swapped names): load a saved 2:4 checkpoint (a plain HF directory with exact
-    zeros, as the compressor writes) and swap its 2:4 layers for SparseLinear."""
-    from lmsqueeze.models import load_model
+    """(model, tokenizer, swapped names): load a saved 2:4 checkpoint and run its 2:4 layers as SparseLinear.
 
+    Either a plain HF directory with exact zeros (the dense-with-zeros format): loaded dense, then its 2:4
+    layers are compressed; or a `--format sparse24` directory: its packed values and metadata become
+    SparseLinear modules directly, with no dense copy of them ever in memory.
+    """
+    from lmsqueeze.models import is_packed_sparse24, load_model, parse_dtype
+
+    if is_packed_sparse24(name_or_path):
+        from lmsqueeze.compressor.formats import load_packed_sparse24
+
+        model, tokenizer, swapped = load_packed_sparse24(name_or_path, device=device, backend=backend)
+        torch_dtype = None if dtype is None else parse_dtype(dtype)
+        if torch_dtype is not None and torch_dtype != model.get_input_embeddings().weight.dtype:
+            model = model.to(torch_dtype)
+        return model, tokenizer, swapped
     model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
     swapped = sparsify_model(model, backend=backend)
     if not swapped:

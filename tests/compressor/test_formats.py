@@ -320,3 +320,30 @@ def test_default_format_is_one_plain_from_pretrained_loads():
     model, _ = models.load_model("tiny-llama")
     notes = plan(model, GPTQConfig(bits=4, group_size=16), "compressed-tensors").notes
     assert any("CompressedTensorsConfig(dequantize=True)" in n for n in notes)
+
+
+def test_eval_and_load_sparse_open_a_packed_24_checkpoint_like_its_dense_twin(tmp_path):
+    """`lmsqueeze eval` and load_sparse take a --format sparse24 directory as they take the dense-with-zeros one:
+    the same perplexity, and the 2:4 modules stay packed (no dense weight parameter appears)."""
+    from lmsqueeze.cli import main
+    from lmsqueeze.sparse import SparseLinear, load_sparse
+
+    model, report, _ = _compressed("sparsegpt", dtype=torch.bfloat16, sparsity="2:4")
+    tok = models.byte_tokenizer()
+    save_compressed(model, tok, tmp_path / "dense", report, format="dense")
+    save_compressed(model, tok, tmp_path / "s24", report, format="sparse24")
+    ppl = {}
+    for d in ("dense", "s24"):
+        out = tmp_path / f"{d}.json"
+        assert main(["--quiet", "eval", "--model", str(tmp_path / d), "--tasks", "ppl:pydoc", "--limit", "2",
+                     "--eval-seqlen", "32", "--dtype", "bf16", "--resamples", "0", "--cache-dir",
+                     str(tmp_path / "cache"), "--output", str(out)]) == 0
+        ppl[d] = json.loads(out.read_text())["results"][0]["summary"]["ppl"]
+    assert ppl["s24"] == pytest.approx(ppl["dense"], rel=1e-2)
+    loaded, _, swapped = load_sparse(str(tmp_path / "s24"), dtype="bf16")
+    mods = dict(loaded.named_modules())
+    assert len(swapped) == 14 and all(isinstance(mods[n], SparseLinear) for n in swapped)
+    assert not any(n.endswith(f"{s}.weight") for n, _ in loaded.named_parameters() for s in swapped)
+    loaded, _ = models.load_model(str(tmp_path / "s24"), dtype="fp32")
+    assert all(isinstance(dict(loaded.named_modules())[n], SparseLinear) for n in swapped)
+    assert next(loaded.parameters()).dtype == torch.float32
