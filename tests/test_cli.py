@@ -45,7 +45,8 @@ def test_missing_dataset_is_one_line(tmp_path):
 def test_unknown_task(capsys):
     assert main(["eval", "--model", "tiny-llama", "--tasks", "bleu:pydoc"]) == 2
     err = capsys.readouterr().err
-    assert "unknown task 'bleu:pydoc'; valid: ppl:SOURCE, divergence:SOURCE, mc:FILE.jsonl, piqa, alpaca, bbq" in err
+    assert "unknown task 'bleu:pydoc'; valid: ppl:SOURCE, divergence:SOURCE, mc:FILE.jsonl, piqa, alpaca, " in err
+    assert ", bbq, crows, " in err
     assert len(err.strip().splitlines()) == 1
 
 
@@ -114,3 +115,135 @@ def test_unknown_suite_is_one_clear_error(capsys):
 
     with pytest.raises(LmsqueezeError, match="unknown suite 'nope'"):
         task_names("", "nope", False)
+
+
+# ---- issue 17: the behaviour a script and a user can rely on ----------------------------------------------
+
+def _no_quiet_env(**extra):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "LMSQUEEZE_QUIET"}
+    return {**env, **extra}
+
+
+def test_version(capsys):
+    from lmsqueeze import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"lmsqueeze {__version__}"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compress", "--model", "tiny-llama"], "the following arguments are required: --method, --output-dir"),
+    (["eval", "--model", "tiny-llama", "--limit", "many"], "argument --limit: invalid int value: 'many'"),
+    (["tasks", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["eval", "--model", "m", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8' (choose from "),
+])
+def test_bad_usage_is_one_error_line_and_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("lmsqueeze: error: ") and message in err
+    assert "--help" in err  # says where the valid flags are listed
+
+
+def test_a_failed_run_is_exit_1_one_line_and_a_log_with_the_traceback(capsys, monkeypatch, tmp_path):
+    import lmsqueeze.cli as cli
+
+    def broken(args):
+        raise RuntimeError("the kernel fell over\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_models", broken)
+    monkeypatch.setenv("LMSQUEEZE_CACHE", str(tmp_path))
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("lmsqueeze: error: models failed: RuntimeError: the kernel fell over (traceback in ")
+    log = err.rsplit("traceback in ", 1)[1].strip().rstrip(")")
+    assert log.startswith(str(tmp_path / "logs"))
+    text = open(log).read()
+    assert "command: lmsqueeze models" in text and "Traceback" in text and "second line" in text
+
+
+def test_a_model_that_fails_to_load_is_one_line_and_no_traceback(tmp_path):
+    from lmsqueeze.models import load_model
+
+    model, tok = load_model("tiny-llama")
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not a safetensors file")
+    proc = subprocess.run([sys.executable, "-m", "lmsqueeze", "eval", "--model", str(tmp_path / "m"), "--tasks",
+                           "ppl:pydoc"], capture_output=True, text=True, timeout=300,
+                          env=_no_quiet_env(LMSQUEEZE_CACHE=str(tmp_path / "cache")))
+    assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lmsqueeze: error: "), proc.stderr
+
+
+def test_a_task_that_cannot_run_fails_the_run_unless_skipped(capsys, monkeypatch, tmp_path):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_vader(name, *args, **kwargs):  # as if the [safety] extra were not installed
+        if name.startswith("vaderSentiment"):
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", without_vader)
+    argv = ["--quiet", "eval", "--model", "tiny-gpt2", "--tasks", "ppl:pydoc,bold", "--limit", "1", "--eval-seqlen",
+            "16"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("lmsqueeze: error: task 'bold' cannot run: ") and "--skip-unavailable" in err
+    out = tmp_path / "r.json"
+    assert main([*argv, "--skip-unavailable", "--output", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert [r["task"] for r in rep["results"]] == ["ppl:pydoc", "bold"]
+    assert "vaderSentiment" in rep["results"][1]["skipped"]
+
+
+def test_a_log_file_gets_lines_not_carriage_returns(tmp_path):
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:  # stdout and stderr both to the file, as `lmsqueeze ... > log 2>&1`
+        proc = subprocess.run([sys.executable, "-m", "lmsqueeze", "compress", "--model", "tiny-llama", "--method",
+                               "wanda", "--sparsity", "0.5", "--calib", "pydoc", "--nsamples", "2", "--calib-seqlen",
+                               "32", "--output-dir", str(tmp_path / "out")], stdout=f, stderr=subprocess.STDOUT,
+                              timeout=300, env=_no_quiet_env())
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "\r" not in text
+    assert "calibration: 2 x 32 = 64 tokens of pydoc through every layer" in text
+    assert "lmsqueeze: wanda: the first layer took " in text and "for all 2; shorter with --nsamples" in text
+    assert "lmsqueeze: wanda: 2/2 layer in " in text
+    assert len(text.splitlines()) < 20
+
+
+@pytest.mark.parametrize("command", ["eval", "compress", "study"])
+def test_one_name_per_concept_and_threads_on_every_computing_command(command, capsys):
+    from lmsqueeze.cli import build_parser
+
+    need = {"eval": ["--model", "m"], "compress": ["--model", "m", "--method", "rtn", "--output-dir", "o"],
+            "study": ["--output-dir", "o"]}[command]
+    p = build_parser()
+    args = p.parse_args([command, *need, "--threads", "3"])
+    assert args.threads == 3 and args.dtype in ("auto", None)  # one default: auto (fp32 on CPU, bf16 on CUDA)
+    if command == "eval":
+        assert p.parse_args([command, *need, "--eval-seqlen", "64"]).eval_seqlen == 64
+        assert p.parse_args([command, *need, "--seqlen", "64"]).eval_seqlen == 64
+        assert "--seqlen is deprecated here; use --eval-seqlen" in capsys.readouterr().err
+    else:
+        assert p.parse_args([command, *need, "--calib-seqlen", "64"]).calib_seqlen == 64
+        assert p.parse_args([command, *need, "--seqlen", "64"]).calib_seqlen == 64
+        assert capsys.readouterr().err.strip() == "lmsqueeze: --seqlen is deprecated here; use --calib-seqlen"
+    if command == "study":
+        assert p.parse_args([command, *need, "--eval-seqlen", "64"]).eval_seqlen == 64
+
+
+def test_the_default_dtype_is_one_rule():
+    from lmsqueeze.cli import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == "fp32" and resolve_dtype(None, None) == "fp32"
+    assert resolve_dtype("auto", "cuda") == "bf16" and resolve_dtype(None, "cuda:1") == "bf16"
+    assert resolve_dtype("fp16", "cpu") == "fp16"

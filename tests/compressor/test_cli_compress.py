@@ -7,7 +7,7 @@ import pytest
 
 from lmsqueeze.cli import main
 
-BASE = ["compress", "--model", "tiny-llama", "--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--dtype", "fp32"]
+BASE = ["compress", "--model", "tiny-llama", "--calib", "pydoc", "--nsamples", "4", "--calib-seqlen", "32", "--dtype", "fp32"]
 
 
 def test_compress_writes_a_checkpoint_and_a_summary(tmp_path, capsys):
@@ -41,3 +41,32 @@ def test_unknown_method_no_traceback(tmp_path):
                            str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "argument --method: invalid choice: 'obs'" in proc.stderr
+
+
+def test_data_free_methods_run_no_calibration_unless_the_error_is_asked_for(tmp_path, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "rtn"
+    try:
+        # no --dtype: the one default (auto: fp32 on CPU); no --calib: a data-free method never reads one
+        assert main(["--quiet", "compress", "--model", "tiny-llama", "--method", "rtn", "--bits", "4", "--threads", "1",
+                     "--output-dir", str(out)]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert "calibration:" not in err
+    meta = json.loads((out / "lmsqueeze.json").read_text())
+    assert meta["schema"] == "lmsqueeze.compressed/1" and meta["dtype"] == "fp32"
+    assert meta["calibration"] == {"source": None}
+    assert meta["timings"]["forward"] == 0.0 and meta["timings"]["propagate"] == 0.0
+    assert all(m["recon_error"] is None for m in meta["modules"])
+
+    out = tmp_path / "rtn-measured"
+    assert main(["--quiet", *BASE, "--method", "rtn", "--bits", "4", "--measure-error", "--output-dir", str(out)]) == 0
+    assert "calibration: 4 x 32 = 128 tokens of pydoc through every layer (rtn: --measure-error)" in \
+        capsys.readouterr().err
+    meta = json.loads((out / "lmsqueeze.json").read_text())
+    assert meta["calibration"]["source"] == "pydoc" and meta["calibration"]["tokens"] == 128
+    assert all(m["recon_error"] > 0 for m in meta["modules"])
