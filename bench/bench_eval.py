@@ -13,7 +13,15 @@ Whole processes, side by side, on the same model (fp32), the same items and the 
   each window on its first token; lm-eval scores it from the previous window's last), so the word
   perplexities agree to a fraction of a percent, not exactly: the table shows both.
 Each process is timed whole (model load, tokenization, scoring, writing results), once; the ratio is
-lm-eval's time over lmsqueeze's. lm-evaluation-harness must be installed in the same environment
+lm-eval's time over lmsqueeze's.
+
+The compute floor: both tools run the same model forward over the same tokens, so on a CPU that is
+compute-bound (fp32 GEMMs) neither can be faster than FLOPs / the machine's GEMM rate. The script counts
+the tokens each task forwards (every sequence minus its last token), multiplies by the forward FLOPs a
+token costs (2 x the decoder's linear weights, plus 2 x the output head's for lm-eval, which applies the
+head at every position; lmsqueeze applies it only to scored tokens), measures the fp32 GEMM rate of this
+machine on the model's own MLP shape, and prints the seconds each tool needs at that rate: the floor
+below which no implementation of the same computation can go. lm-evaluation-harness must be installed in the same environment
 (`pip install lm-eval`); without it the script says so and times lmsqueeze alone.
 """
 from __future__ import annotations
@@ -158,6 +166,8 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    if record["cases"]:
+        record["floor"] = _compute_floor(args, tok, record["cases"])
     print("| task | size | lmsqueeze | lm-eval | speedup | lmsqueeze metric | lm-eval metric |")
     print("|---|---|---|---|---|---|---|")
     for name, size, c, metric in rows:
@@ -166,6 +176,16 @@ def main(argv=None) -> int:
         print(f"| {name} | {size} | {c['lmsqueeze_s']:.1f} s | {theirs} | {speed} | "
               f"{metric} {c['lmsqueeze_' + metric]:.4f} | "
               f"{'-' if 'lm_eval_' + metric not in c else format(c['lm_eval_' + metric], '.4f')} |")
+    if "floor" in record:
+        f = record["floor"]
+        print(f"\ncompute floor at this machine's fp32 GEMM rate ({f['gemm_gflops']:.0f} GFLOP/s on "
+              f"{f['gemm_shape']}): forward FLOPs per token {f['flops_per_token'] / 1e9:.3f} G without the "
+              f"head, {f['flops_per_token_with_head'] / 1e9:.3f} G with it")
+        print("| task | tokens forwarded | lmsqueeze floor | lm-eval floor | best possible speedup |")
+        print("|---|---|---|---|---|")
+        for name, c in f["cases"].items():
+            print(f"| {name} | {c['tokens']} | {c['lmsqueeze_floor_s']:.1f} s | {c['lm_eval_floor_s']:.1f} s | "
+                  f"{c['lm_eval_floor_s'] / c['lmsqueeze_floor_s']:.2f}x (compute alone) |")
     if not have_lm_eval:
         print("\nlm-evaluation-harness is not installed here (pip install lm-eval): lmsqueeze timed alone")
     out = Path(args.output) if args.output else ROOT / "bench" / "results" / \
@@ -174,6 +194,53 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(record, indent=2, default=str))
     print(f"JSON: {out}", file=sys.stderr)
     return 0
+
+
+def _gemm_gflops(m: int, k: int, n: int, seconds: float = 2.0) -> float:
+    """Best fp32 GFLOP/s of torch.mm on [m, k] x [k, n] over repeated calls for about `seconds`."""
+    import torch
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(3):
+        a @ b
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best / 1e9
+
+
+def _compute_floor(args, tok, cases: dict) -> dict:
+    """Tokens each task forwards, FLOPs a token costs, and the seconds both take at this machine's GEMM rate."""
+    from lmsqueeze import models
+    from lmsqueeze.data import piqa_records
+    from lmsqueeze.evaluation.backend import split_whitespace
+
+    cfg = models.load_config(args.model)
+    h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or h // heads
+    linear = layers * (h * heads * head_dim * 2 + h * kv * head_dim * 2 + 3 * h * inter)
+    per_token, head = 2 * linear, 2 * h * cfg.vocab_size
+    gflops = _gemm_gflops(4096, h, inter)
+    out = {"gemm_gflops": gflops, "gemm_shape": f"[4096, {h}] x [{h}, {inter}] fp32",
+           "flops_per_token": per_token, "flops_per_token_with_head": per_token + head, "cases": {}}
+    if "piqa" in cases:  # start token + context + continuation, less the last token (it predicts nothing)
+        tokens = scored = 0
+        for r in piqa_records(args.data_dir)[:args.items]:
+            for sol in (r["sol1"], r["sol2"]):
+                ctx, cont = split_whitespace(f"Question: {r['goal']}\nAnswer:", f" {sol}")
+                c = tok(cont, add_special_tokens=False)["input_ids"]
+                tokens += 1 + len(tok(ctx, add_special_tokens=False)["input_ids"]) + len(c) - 1
+                scored += len(c)
+        out["cases"]["piqa"] = {"tokens": tokens, "scored": scored}
+    if "ppl" in cases:
+        out["cases"]["ppl wikitext2:test"] = {"tokens": cases["ppl"]["tokens"], "scored": cases["ppl"]["tokens"]}
+    for c in out["cases"].values():
+        c["lmsqueeze_floor_s"] = (c["tokens"] * per_token + c["scored"] * head) / gflops / 1e9
+        c["lm_eval_floor_s"] = c["tokens"] * (per_token + head) / gflops / 1e9
+    return out
 
 
 def _importable(mod: str) -> bool:
