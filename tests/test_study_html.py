@@ -50,21 +50,29 @@ def page(tmp_path_factory):
     return path
 
 
-def test_html_renders_in_headless_chromium_without_console_messages(page):
+@pytest.fixture(scope="module")
+def browsed(page):
+    """One Chromium run on the page opened sorted by ppl, descending: (DOM after the scripts ran, console
+    messages, screenshot path)."""
     shot = page.with_name("screenshot.png")
-    _, console = chromium(page.as_uri(), f"--screenshot={shot}", "--window-size=1280,1800")
-    assert console == []
+    dom, console = chromium(page.as_uri() + "#sort=headline:3:desc", f"--screenshot={shot}", "--dump-dom",
+                            "--window-size=1280,1800")
+    return dom, console, shot
+
+
+def test_html_renders_in_headless_chromium_without_console_messages(browsed):
     from PIL import Image
 
+    _, console, shot = browsed
+    assert console == []
     with Image.open(shot) as im:
         assert im.size == (1280, 1800)
         colours = im.convert("L").resize((64, 90)).getcolors(64 * 90)
     assert len(colours) > 20  # text, tables and the plot, not an empty page
 
 
-def test_html_tables_sort_in_the_browser(page):
-    dom, console = chromium(page.as_uri() + "#sort=headline:3:desc", "--dump-dom")
-    assert console == []
+def test_html_tables_sort_in_the_browser(browsed):
+    dom, _, _ = browsed
     table = dom[dom.index('id="headline"'):]
     table = table[:table.index("</table>")]
     rows = re.findall(r"<tr data-i=\"\d+\">(.*?)</tr>", table)
