@@ -458,6 +458,30 @@ def bbq_items(data_dir=None, categories: list[str] | None = None) -> list[dict]:
     return [rec for p in files.values() for _, rec in iter_jsonl(p, "BBQ file")]
 
 
+def bbq_user_items(directory: str | Path, data_dir=None) -> list[dict]:
+    """BBQ items of the data directory's categories and of a user folder of `<Category>.jsonl` files (BBQ's own
+    `data/` layout), the user's file winning on a shared category; the data directory may be absent."""
+    folder = Path(directory).expanduser()
+    if not folder.is_dir():
+        raise LmsqueezeError(f"BBQ folder '{directory}' does not exist or is not a directory")
+    user = {p.stem: p for p in sorted(folder.glob("*.jsonl"))}
+    if not user:
+        raise LmsqueezeError(f"no BBQ category files (<Category>.jsonl) in {folder}")
+    try:
+        shipped = {p.stem: p for p in sorted(find_dataset("bbq", data_dir).glob("*.jsonl"))}
+    except LmsqueezeError:
+        shipped = {}
+    files = {**shipped, **user}
+    out = []
+    for cat, p in sorted(files.items()):
+        for lineno, rec in iter_jsonl(p, "BBQ file"):
+            if not isinstance(rec, dict) or not {"context", "question", "ans0", "ans1", "ans2", "label"} <= rec.keys():
+                raise LmsqueezeError(f"{p}:{lineno}: expected a BBQ record (context, question, ans0..ans2, label, "
+                                     f"context_condition, question_polarity, answer_info, additional_metadata)")
+            out.append({"category": cat, **rec})
+    return out
+
+
 def crows_pairs(data_dir=None) -> list[dict]:
     """CrowS-Pairs rows: index, sent_more, sent_less, stereo_antistereo, bias_type."""
     path = find_dataset("crows_pairs", data_dir)
