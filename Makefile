@@ -29,7 +29,7 @@ $(STAMP): $(PYTHON) pyproject.toml setup.py $(EXT_SOURCES)
 # Re-running finds the cells done and only re-renders; without the WikiText-2/PIQA/Alpaca files it calibrates
 # and evaluates on pydoc text only.
 DEMO_DIR ?= demo-study
-DEMO_ARGS := --model smollm2-135m --methods sparsegpt --sparsity 0.5 --nsamples 16 --seqlen 256 --limit 8 \
+DEMO_ARGS := --model smollm2-135m --methods sparsegpt --sparsity 0.5 --nsamples 16 --calib-seqlen 256 --limit 8 \
 	--eval-seqlen 256 --max-new-tokens 32 --output-dir $(DEMO_DIR)
 
 demo: $(STAMP)

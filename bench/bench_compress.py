@@ -246,9 +246,9 @@ def main():
 
 
 def _write(out: Path, args, results: dict) -> None:
-    from bench.harness import machine_info
+    from bench.harness import SCHEMA, machine_info
 
-    payload = {"title": "compress", "machine": machine_info(),
+    payload = {"schema": SCHEMA, "title": "compress", "machine": machine_info(),
                "settings": {k: v for k, v in vars(args).items() if k != "one"}, "results": results}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", default=None, help="JSON path (default bench/results/eval-vs-lm-eval-<time>.json)")
     args = p.parse_args(argv)
 
-    from bench.harness import machine_info
+    from bench.harness import SCHEMA, machine_info
     from lmsqueeze import models
     from lmsqueeze.data import load_text, piqa_records
     from lmsqueeze.evaluation.api import _load_tokenizer
@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     have_lm_eval = shutil.which("lm_eval") is not None or _importable("lm_eval")
-    rows, record = [], {"machine": machine_info(), "settings": vars(args), "cases": {}}
+    rows, record = [], {"schema": SCHEMA, "title": "bench_eval", "machine": machine_info(), "settings": vars(args),
+                        "cases": {}}
     tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     try:
         data_dir = ["--data-dir", args.data_dir] if args.data_dir else []

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.harness import machine_info  # noqa: E402
+from bench.harness import SCHEMA, machine_info  # noqa: E402
 
 
 def _env(threads: int = 1) -> dict:
@@ -204,7 +204,7 @@ def main() -> None:
     if args.worker:
         offload_worker(args)
         return
-    payload = {"title": "bench_scale", "machine": machine_info(), "settings": vars(args)}
+    payload = {"schema": SCHEMA, "title": "bench_scale", "machine": machine_info(), "settings": vars(args)}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         work = Path(tmp)
         if args.part in ("all", "scaling"):

@@ -106,6 +106,9 @@ def paired_speedup(case: Case, base: Case, pairs: int) -> float:
     return statistics.median(_timed_call(base, cuda) / _timed_call(case, cuda) for _ in range(pairs))
 
 
+SCHEMA = "lmsqueeze.bench/1"  # every benchmark JSON: schema, title, machine, settings, results (docs/report-schema.md)
+
+
 def machine_info() -> dict:
     from lmsqueeze.info import backend_report
 
@@ -164,7 +167,7 @@ def run(title: str, cases: list[Case], args) -> list[dict]:
     out = Path(args.output) if args.output else (
         ROOT / "bench" / "results" / f"{title}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"title": title, "machine": machine_info(),
+    payload = {"schema": SCHEMA, "title": title, "machine": machine_info(),
                "settings": {"warmup": args.warmup, "repeat": args.repeat, "paired": getattr(args, "paired", 0)},
                "results": results}
     tmp = out.with_suffix(".tmp")

@@ -118,7 +118,8 @@ def evaluate(model, tokenizer=None, tasks=None, base=None, base_tokenizer=None, 
     """Evaluate `model` on `tasks` (and/or a `suite`) and return the report (a dict, JSON-serialisable).
 
     model / base: a builtin name, local directory, .gguf file or hub id (loaded with `dtype` on `device`), or
-        a loaded model with its tokenizer (`tokenizer` / `base_tokenizer`).
+        a loaded model with its tokenizer (`tokenizer` / `base_tokenizer`; a loaded model given without one gets
+        the tokenizer of the checkpoint it names in name_or_path).
     tasks: "ppl:wikitext2,divergence:wikitext2,piqa,mc:my.jsonl,alpaca,bbq" or a list of such names;
         suite: "core", "safety" or "full" (the tasks that declare it).
     limit: windows or items per task. batch_tokens: token budget of one forward. topk: k of the cached base
@@ -135,8 +136,16 @@ def evaluate(model, tokenizer=None, tasks=None, base=None, base_tokenizer=None, 
     task_list, skipped = load_tasks(tasks if tasks is not None or suite is not None else "ppl:pydoc", opts, suite,
                                     base is not None, skip_unavailable)
     mname, bname = _name_of(model, model_name), (_name_of(base, base_name) if base is not None else None)
+    if isinstance(tokenizer, (str, os.PathLike)):  # evaluate("model", "ppl:pydoc") would drop the tasks silently
+        raise LmsqueezeError(f"evaluate()'s second argument is the tokenizer, got {str(tokenizer)!r}: give tasks= "
+                             f"(and base=) by keyword")
     if not isinstance(model, (str, os.PathLike)) and tokenizer is None:
-        raise LmsqueezeError("a loaded model needs its tokenizer: evaluate(model, tokenizer, ...)")
+        # a loaded model without its tokenizer: the one of the checkpoint it came from, as compress() does
+        source = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+        if not source:
+            raise LmsqueezeError("a loaded model needs its tokenizer: evaluate(model, tokenizer, ...) (this model "
+                                 "does not say which checkpoint it came from)")
+        tokenizer = _load_tokenizer(str(source))
     if isinstance(model, (str, os.PathLike)):
         tokenizer = _load_tokenizer(str(model))
     for m in (model, base) if base is not None else (model,):
