@@ -131,7 +131,7 @@ def _torchrun(args, tmp_path, timeout=180):
 
 def test_torchrun_cli_compress_matches_one_process(tmp_path):
     common = ["--quiet", "compress", "--model", "tiny-llama", "--method", "sparsegpt", "--sparsity", "0.5", "--dtype",
-              "fp32", "--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--batch-size", "2"]
+              "fp32", "--calib", "pydoc", "--nsamples", "4", "--calib-seqlen", "32", "--batch-size", "2"]
     res = _torchrun(["-m", "lmsqueeze"] + common + ["--output-dir", str(tmp_path / "two")], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("compressed tiny-llama") == 1  # rank 0 alone prints and saves
@@ -160,7 +160,7 @@ def test_torchrun_stops_when_a_rank_dies(tmp_path):
         "    sys.exit('rank 1 dies on purpose')\n"
         "sys.exit(main(sys.argv[1:]))\n")
     args = ["--quiet", "compress", "--model", "tiny-llama", "--method", "wanda", "--sparsity", "0.5",
-            "--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--dist-timeout", "30",
+            "--calib", "pydoc", "--nsamples", "4", "--calib-seqlen", "32", "--dist-timeout", "30",
             "--output-dir", str(tmp_path / "out")]
     res = _torchrun([str(script)] + args, tmp_path, timeout=150)
     assert res.returncode != 0

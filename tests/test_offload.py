@@ -62,7 +62,7 @@ def test_cli_offload_disk(tmp_path):
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "lmsqueeze", "--quiet", "compress", "--model", "tiny-llama",
                           "--method", "wanda", "--sparsity", "0.5", "--calib", "pydoc", "--nsamples", "4",
-                          "--seqlen", "32", "--offload", "disk", "--output-dir", str(out)],
+                          "--calib-seqlen", "32", "--offload", "disk", "--output-dir", str(out)],
                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
                          timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -63,10 +63,10 @@ def test_compress_cli_checks_positions_before_loading(tmp_path, capsys, monkeypa
     monkeypatch.setattr(models, "load_model", no_load)
     monkeypatch.setattr(models, "tiny_model", no_load)
     rc = main(["compress", "--model", "tiny-gpt2", "--method", "wanda", "--sparsity", "0.5", "--calib", "pydoc",
-               "--nsamples", "2", "--seqlen", "1024", "--output-dir", str(tmp_path / "out")])
+               "--nsamples", "2", "--calib-seqlen", "1024", "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
-    assert "--seqlen (the calibration window) is 1024 tokens" in err and "(n_positions=512)" in err
+    assert "--calib-seqlen (the calibration window) is 1024 tokens" in err and "(n_positions=512)" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -81,7 +81,7 @@ def test_compress_cli_reads_calibration_text_before_loading(tmp_path, capsys, mo
 
     monkeypatch.setattr(models, "load_model", no_load)
     rc = main(["compress", "--model", "tiny-llama", "--method", "wanda", "--sparsity", "0.5", "--calib", str(bad),
-               "--nsamples", "2", "--seqlen", "16", "--output-dir", str(tmp_path / "out")])
+               "--nsamples", "2", "--calib-seqlen", "16", "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert f"{bad}:2: text file is not UTF-8: byte(s) e9 at column 14" in err

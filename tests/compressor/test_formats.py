@@ -246,7 +246,7 @@ def test_cli_refuses_a_ragged_group_before_compressing(tmp_path, capsys):
     from lmsqueeze.cli import main
 
     out = tmp_path / "x"
-    rc = main(["--quiet", "compress", "--model", "tiny-llama", "--calib", "pydoc", "--nsamples", "2", "--seqlen", "16",
+    rc = main(["--quiet", "compress", "--model", "tiny-llama", "--calib", "pydoc", "--nsamples", "2", "--calib-seqlen", "16",
                "--dtype", "fp32", "--method", "rtn", "--bits", "4", "--group-size", "48", "--format", "gptq",
                "--output-dir", str(out)])
     err = capsys.readouterr().err.strip()
@@ -257,7 +257,7 @@ def test_cli_prints_sizes_and_writes_gptq(tmp_path, capsys):
     from lmsqueeze.cli import main
 
     out = tmp_path / "g"
-    assert main(["--quiet", "compress", "--model", "tiny-llama", "--calib", "pydoc", "--nsamples", "2", "--seqlen",
+    assert main(["--quiet", "compress", "--model", "tiny-llama", "--calib", "pydoc", "--nsamples", "2", "--calib-seqlen",
                  "16", "--dtype", "bf16", "--method", "rtn", "--bits", "4", "--group-size", "32", "--format", "gptq",
                  "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out

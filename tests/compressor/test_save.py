@@ -70,7 +70,7 @@ def test_disk_full_through_the_cli_has_no_traceback(tmp_path, capsys, monkeypatc
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", _disk_full)
     out = tmp_path / "x"
-    rc = main(["--quiet", "compress", "--model", "tiny-llama", "--calib", "pydoc", "--nsamples", "2", "--seqlen", "16",
+    rc = main(["--quiet", "compress", "--model", "tiny-llama", "--calib", "pydoc", "--nsamples", "2", "--calib-seqlen", "16",
                "--dtype", "fp32", "--method", "magnitude", "--sparsity", "0.5", "--output-dir", str(out)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
