@@ -25,11 +25,12 @@ def study_dir(tmp_path):
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
-    """The fixture study rendered once for the tests that read its files (plots at 40 dpi: a 300 dpi render of
-    eleven panels costs ~15 s of CPU; test_png_at_print_resolution checks the real resolution)."""
+    """The fixture study rendered once for the tests that read its files. Cheaper plots: 40 dpi and two panels
+    in the sweep instead of eleven (a full render costs ~15 s of CPU; the plot tests below check the real
+    resolution and the panels)."""
     import os
 
-    from lmsqueeze.study import plots
+    from lmsqueeze.study import plots, tables
 
     d = tmp_path_factory.mktemp("study")
     shutil.copy(FIXTURE / "results.jsonl", d / "results.jsonl")
@@ -37,6 +38,7 @@ def rendered(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(plots, "DPI", 40)
+            mp.setattr(plots, "columns", lambda records: tables.columns(records)[:2])
             write_report(d)
     finally:
         os.umask(umask)
@@ -220,7 +222,7 @@ def test_perplexity_axes_go_logarithmic_only_when_one_cell_collapses(tmp_path, m
         scales.append((path.name, [ax.get_xscale() for ax in fig.axes], [ax.get_yscale() for ax in fig.axes]))
 
     monkeypatch.setattr(report, "_save", spy)
-    records = read_results(FIXTURE)  # ppl 20 .. 30: plain axes
+    records = _only(read_results(FIXTURE), "ppl:wikitext2:test/ppl", "divergence:wikitext2:test/jsd")  # ppl 20 .. 30
     report.plot_ppl_vs_divergence(records, tmp_path / "a.png")
     report.plot_sweeps(records, tmp_path / "b.png")
     collapsed = [dict(r) for r in records]
@@ -247,9 +249,16 @@ def figures(monkeypatch):
     return kept
 
 
+def _only(records, *keys):
+    """The records with their headline cut to `keys` (fewer panels: the plot tests draw in a second, not ten)."""
+    for r in records:
+        r["headline"] = [h for h in r["headline"] if h[0] in keys]
+    return records
+
+
 def _sweep_records():
     """The fixture plus magnitude at 0.7 and 4:8: two fractions and two N:M patterns for one method."""
-    recs = read_results(FIXTURE)
+    recs = _only(read_results(FIXTURE), "ppl:wikitext2:test/ppl", "piqa/flips")
     mag = next(r for r in recs if r["key"] == "k-mag05")
     for key, sp, ppl in (("k-mag07", 0.7, 80.0), ("k-mag48", "4:8", 40.0)):
         r = json.loads(json.dumps(mag))
@@ -286,7 +295,7 @@ def test_sweep_has_error_bars_and_never_joins_nm_to_fractions(figures):
 def test_baselines_and_error_bars_are_never_cut_off(figures):
     from lmsqueeze.study.plots import plot_calibration, plot_ppl_vs_divergence, plot_sweeps
 
-    recs = read_results(FIXTURE)
+    recs = _only(read_results(FIXTURE), "ppl:wikitext2:test/ppl", "piqa/flips")
     dense = recs[0]
     dense["metrics"]["piqa/flips"] = {"value": 0.6, "ci": [0.5, 0.9]}  # far above every cell
     dense["metrics"]["ppl:wikitext2:test/ppl"] = {"value": 12.0, "ci": [8.0, 16.0]}  # below every cell
