@@ -121,6 +121,7 @@ def cmd_eval(args) -> int:
     set_threads(args.threads)
     ddp.join(args.device, args.dist_timeout)  # under torchrun: every task's requests are shared out by rank
     extra = {"bbq_norm": args.bbq_norm}
+    extra.update({k: v for k, v in vars(args).items() if k.startswith("judge") and v is not None})  # --judge*
     report = evaluate(args.model, tasks=args.tasks, suite=args.suite, base=args.base, seqlen=args.eval_seqlen,
                       limit=args.limit, batch_tokens=args.batch_tokens, topk=args.topk,
                       max_new_tokens=args.max_new_tokens, safety_new_tokens=args.safety_new_tokens,
@@ -166,7 +167,8 @@ def cmd_compress(args) -> int:
     # data-free methods (magnitude, rtn) need no calibration forward; it runs only to measure their
     # reconstruction error, when asked (the default RTN run spent minutes on 128 x 2048 tokens for it);
     # OWL's per-layer sparsity reads activations, so it calibrates whatever the method
-    calibrate = bool(config.needs) or args.measure_error or getattr(config, "layer_sparsity", None) == "owl"
+    owl = getattr(config, "layer_sparsity", None) == "owl"
+    calibrate = bool(config.needs) or args.measure_error or owl
     ddp.join(args.device, args.dist_timeout)
     from lmsqueeze.compressor.offload import DiskOffload, check_mode
 
@@ -196,7 +198,8 @@ def cmd_compress(args) -> int:
         calib_info = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.calib_seqlen, "seed": args.seed}
         print(f"calibration: {args.nsamples} x {args.calib_seqlen} = {args.nsamples * args.calib_seqlen:,} tokens "
               f"of {args.calib} through every layer ({args.method}"
-              f"{' needs them' if config.needs else ': --measure-error'}); fewer with --nsamples or --calib-seqlen",
+              f"{' needs them' if config.needs else ': OWL' if owl else ': --measure-error'}); fewer with --nsamples "
+              f"or --calib-seqlen",
               file=sys.stderr, flush=True)
     try:
         with first_step_estimate("layer", "shorter with --nsamples or --calib-seqlen") if calibrate \
@@ -403,6 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cache", action="store_true", help="recompute the base model's outputs even if cached")
     s.add_argument("--bbq-norm", default="char", choices=["char", "token", "sum"],
                    help="BBQ: how option log-likelihoods are normalised (default char)")
+    s.add_argument("--judge", default=None, help="pairwise judge of instruct:FILE answers against the base's: a "
+                   "local model (builtin, directory or hub id); small models judge poorly, give a strong one")
+    s.add_argument("--judge-url", default=None, help="the judge as an OpenAI-compatible chat-completions endpoint, "
+                   "e.g. http://127.0.0.1:8000/v1 (python -m lmsqueeze.evaluation.serve serves a local model)")
+    s.add_argument("--judge-model", default=None, help="model name sent to --judge-url (default 'default')")
+    s.add_argument("--judge-key-env", default=None,
+                   help="environment variable holding the --judge-url API key (default OPENAI_API_KEY)")
+    s.add_argument("--judge-retries", type=int, default=None, help="retries of a failed judge request (default 3)")
+    s.add_argument("--judge-budget", type=int, default=None,
+                   help="at most this many judge requests per run; cached judgments are free (default: no limit)")
+    s.add_argument("--judge-cache", default=None, help="judgment cache directory (default LMSQUEEZE_CACHE/judge)")
+    s.add_argument("--judge-max-tokens", type=int, default=None,
+                   help="tokens a judge may write per verdict (default 64 local, 256 endpoint)")
     s.add_argument("--output", default=None, help="write the full report (per-item results) as JSON here")
     s.add_argument("--dist-timeout", type=float, default=None,
                    help="under torchrun: seconds a rank waits for the others before giving up "

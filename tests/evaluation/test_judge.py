@@ -150,3 +150,12 @@ def test_endpoint_unreachable_says_where(tmp_path):
     j = EndpointJudge("http://127.0.0.1:9/v1", cache_dir=tmp_path, retries=1, timeout=5)
     with pytest.raises(LmsqueezeError, match=r"127\.0\.0\.1:9/v1 unreachable after retries"):
         j.ask([[{"role": "user", "content": "hi"}]])
+
+
+def test_cli_judge_flags_reach_the_task(capsys, tmp_path):
+    from lmsqueeze.cli import main
+
+    path = tmp_path / "i.json"
+    path.write_text('[{"instruction": "Say hi.", "output": "hi"}]')
+    assert main(["eval", "--model", "tiny-llama", "--tasks", f"instruct:{path}", "--judge-url", "127.0.0.1:8000"]) == 2
+    assert "judge URL '127.0.0.1:8000' must start with http://" in capsys.readouterr().err
