@@ -41,8 +41,8 @@ demo: $(STAMP)
 	fi
 
 # Chromium for the report test that renders report.html headless (tests/test_study_html.py); installed from
-# the system packages only when absent. On a fresh Debian 12 machine the install took 1 min 48 s (apt lists
-# already fresh; add the time of apt-get update otherwise).
+# the system packages only when absent. Measured on this Debian 12 machine: apt-get update 10 s, the install
+# of chromium and its libraries 1 min 48 s, about 2 minutes once per fresh machine.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
