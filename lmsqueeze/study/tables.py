@@ -139,7 +139,7 @@ def headline_table(records: list[dict], intervals: bool = False) -> Table:
     if intervals:
         return Table("intervals", "95% intervals", header, rows, fmts,
                      "Percentile bootstrap over items (windows for ppl/JSD/top-1, questions for the rest); Wilson "
-                     "for proportions; a `-` means the metric has no interval.")
+                     "for proportions; a dash means the metric has no interval.")
     return Table("headline", "Beyond perplexity", header, rows, fmts)
 
 
