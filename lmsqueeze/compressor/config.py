@@ -19,8 +19,6 @@ from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels.masks import check_nm
 from lmsqueeze.kernels.obs import BITS, PruneSpec, QuantSpec
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "gptq", "rtn")
-
 
 def parse_sparsity(value) -> float | tuple[int, int]:
     """0.5, "0.5" -> 0.5;  "2:4" -> (2, 4). Anything else is a clear error."""
@@ -62,7 +60,7 @@ class _Config:
     exclude: tuple[str, ...] = ()
 
     method = ""  # set by each subclass (a class attribute, not a field)
-    needs = ""   # the calibration statistic: "" (data-free), "col_sq_norm" or "hessian"
+    needs = ()   # the calibration statistics; set from the method registry (lmsqueeze.compressor.methods)
 
     def __post_init__(self):
         if not isinstance(self.blocksize, int) or self.blocksize < 1:
@@ -88,15 +86,31 @@ class _Config:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             d[f.name] = list(v) if isinstance(v, tuple) else v
+        if d.get("layer_sparsity") == "uniform":  # the default spread: written as before OWL existed (same study keys)
+            for key in ("layer_sparsity", "owl_threshold", "owl_lambda"):
+                d.pop(key)
         return d
 
     def describe(self) -> str:
         return self.method
 
+    @classmethod
+    def from_dict(cls, d: dict):
+        """The config that to_dict() wrote (the method key may be left out)."""
+        d = {"method": cls.method, **d}
+        if d["method"] != cls.method:
+            raise LmsqueezeError(f"{cls.__name__}.from_dict got a '{d['method']}' config")
+        return from_dict(d)
+
 
 def _set_sparsity(cfg) -> None:
     parsed = parse_sparsity(cfg.sparsity)
     object.__setattr__(cfg, "sparsity", sparsity_str(parsed) if isinstance(parsed, tuple) else parsed)
+    cfg._check_layer_sparsity()
+
+
+def _owl_note(cfg) -> str:
+    return " owl" if cfg.layer_sparsity == "owl" else ""
 
 
 def _check_quant(cfg) -> None:
@@ -106,8 +120,38 @@ def _check_quant(cfg) -> None:
         raise LmsqueezeError(f"group size {cfg.group_size!r} is invalid; valid: -1 (per channel) or an integer >= 1")
 
 
+LAYER_SPARSITY = ("uniform", "owl")
+
+
+@dataclass(frozen=True)
 class _Sparse:
-    """Mixin: the parsed sparsity."""
+    """Mixin: the parsed sparsity, and how it is spread over the decoder layers.
+
+    layer_sparsity "uniform": every layer gets `sparsity`; "owl" (Yin et al. 2023, outlier-weighted
+    layerwise sparsity): layers with more outlier weights (Wanda score above owl_threshold times the mean of
+    their module) are pruned less, around the same mean; the ratios spread over 2 * owl_lambda.
+    Unstructured sparsity only (an N:M pattern fixes every layer's ratio).
+    """
+
+    layer_sparsity: str = "uniform"
+    owl_threshold: float = 5.0
+    owl_lambda: float = 0.08
+
+    def _check_layer_sparsity(self) -> None:
+        if self.layer_sparsity not in LAYER_SPARSITY:
+            raise LmsqueezeError(f"layer sparsity '{self.layer_sparsity}' is invalid; valid: {', '.join(LAYER_SPARSITY)}")
+        if self.layer_sparsity == "uniform":
+            return
+        if self.nm:
+            raise LmsqueezeError(f"--layer-sparsity owl spreads an unstructured sparsity over the layers; N:M "
+                                 f"{self.sparsity} fixes every layer's ratio (valid with owl: a fraction such as 0.7)")
+        if not float(self.owl_threshold) > 0:
+            raise LmsqueezeError(f"owl_threshold {self.owl_threshold} is invalid; valid: > 0 (default 5)")
+        s, lam = self.fraction, float(self.owl_lambda)
+        if not (0.0 <= lam and s - 2 * lam >= 0.0 and s + 2 * lam < 1.0):
+            raise LmsqueezeError(f"owl_lambda {self.owl_lambda} is out of range for sparsity {s:g}: the layer ratios "
+                                 f"reach s +- 2 lambda, which must stay in [0, 1); valid: 0 <= lambda <= "
+                                 f"{min(s / 2, (1 - s) / 2 - 1e-9):.4g}")
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -138,7 +182,6 @@ class MagnitudeConfig(_Sparse, _Config):
     sparsity: float | str = 0.5
     scope: str = "layer"
     method = "magnitude"
-    needs = ""
 
     def __post_init__(self):
         super().__post_init__()
@@ -147,7 +190,8 @@ class MagnitudeConfig(_Sparse, _Config):
             raise LmsqueezeError(f"magnitude scope '{self.scope}' is invalid; valid: layer, row")
 
     def describe(self) -> str:
-        return f"magnitude {self.sparsity}" + (" per row" if self.scope == "row" and not self.nm else "")
+        return (f"magnitude {self.sparsity}" + (" per row" if self.scope == "row" and not self.nm else "")
+                + _owl_note(self))
 
 
 @dataclass(frozen=True)
@@ -156,14 +200,13 @@ class WandaConfig(_Sparse, _Config):
 
     sparsity: float | str = 0.5
     method = "wanda"
-    needs = "col_sq_norm"
 
     def __post_init__(self):
         super().__post_init__()
         _set_sparsity(self)
 
     def describe(self) -> str:
-        return f"wanda {self.sparsity}"
+        return f"wanda {self.sparsity}" + _owl_note(self)
 
 
 @dataclass(frozen=True)
@@ -175,7 +218,6 @@ class SparseGPTConfig(_Sparse, _Config):
     group_size: int = -1
     sym: bool = False
     method = "sparsegpt"
-    needs = "hessian"
 
     def __post_init__(self):
         super().__post_init__()
@@ -191,7 +233,7 @@ class SparseGPTConfig(_Sparse, _Config):
 
     def describe(self) -> str:
         q = "" if self.bits is None else f" + {self.bits}-bit" + ("" if self.group_size == -1 else f" g{self.group_size}")
-        return f"sparsegpt {self.sparsity}{q}"
+        return f"sparsegpt {self.sparsity}{q}" + _owl_note(self)
 
 
 @dataclass(frozen=True)
@@ -203,7 +245,6 @@ class GPTQConfig(_Config):
     sym: bool = False
     act_order: bool = False
     method = "gptq"
-    needs = "hessian"
 
     def __post_init__(self):
         super().__post_init__()
@@ -225,7 +266,6 @@ class RTNConfig(_Config):
     group_size: int = 128
     sym: bool = False
     method = "rtn"
-    needs = ""
 
     def __post_init__(self):
         super().__post_init__()
@@ -239,14 +279,27 @@ class RTNConfig(_Config):
                 + (" sym" if self.sym else ""))
 
 
-CONFIGS = {c.method: c for c in (MagnitudeConfig, WandaConfig, SparseGPTConfig, GPTQConfig, RTNConfig)}
-Config = MagnitudeConfig | WandaConfig | SparseGPTConfig | GPTQConfig | RTNConfig
+Config = _Config  # every method's config derives from it
+
+
+def __getattr__(name):
+    # METHODS and CONFIGS come from the method registry, which imports this module: looked up on use
+    if name == "METHODS":
+        from lmsqueeze.compressor.methods import names
+
+        return names()
+    if name == "CONFIGS":
+        from lmsqueeze.compressor.methods import registry
+
+        return {n: m.config for n, m in registry().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def config_class(method: str):
-    if method not in CONFIGS:
-        raise LmsqueezeError(f"unknown method '{method}'; valid: {', '.join(METHODS)}")
-    return CONFIGS[method]
+    """The config dataclass of a registered method; an unknown name is one error listing the valid ones."""
+    from lmsqueeze.compressor.methods import get
+
+    return get(method).config
 
 
 def from_dict(d: dict):
@@ -257,9 +310,7 @@ def from_dict(d: dict):
     unknown = sorted(set(d) - names)
     if unknown:
         raise LmsqueezeError(f"{cls.method} config has no field(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-    for key in ("include", "exclude"):
-        if key in d and isinstance(d[key], list):
-            d[key] = tuple(d[key])
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # JSON lists back to tuples
     return cls(**d)
 
 
@@ -278,15 +329,5 @@ def make_config(method: str, **options):
     return cls(**given)
 
 
-def _from_dict_for(cls, d: dict):
-    d = {"method": cls.method, **d}
-    if d["method"] != cls.method:
-        raise LmsqueezeError(f"{cls.__name__}.from_dict got a '{d['method']}' config")
-    return from_dict(d)
-
-
-for _cls in CONFIGS.values():
-    _cls.from_dict = classmethod(_from_dict_for)
-
-__all__ = ["CONFIGS", "Config", "GPTQConfig", "METHODS", "MagnitudeConfig", "RTNConfig", "SparseGPTConfig",
+__all__ = ["Config", "GPTQConfig", "MagnitudeConfig", "RTNConfig", "SparseGPTConfig",
            "WandaConfig", "config_class", "from_dict", "make_config", "parse_sparsity", "sparsity_str"]

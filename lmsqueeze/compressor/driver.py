@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmsqueeze import distributed as ddp
-from lmsqueeze.compressor.methods import check_finite, check_result, compress_weight
+from lmsqueeze.compressor.methods import check_finite, check_result
+from lmsqueeze.compressor.methods import get as get_method
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels import col_sq_norm_update, hessian_finalize, hessian_update
 from lmsqueeze.models import check_sequence_length
@@ -55,6 +56,7 @@ class ModuleRecord:
     percdamp: float | None = None   # damping used (after any retry)
     dead: int = 0                   # inputs never active in calibration
     shares_input_with: str | None = None
+    info: dict | None = None        # what the method reports per module (AWQ: alpha, where its scale went)
 
 
 @dataclass
@@ -70,6 +72,8 @@ class CompressionReport:
     offload: str = "none"
     dtype: str = ""
     num_layers: int = 0
+    # per decoder layer: {"mode": "uniform"|"owl", "target", "ratios" [layers], OWL's "outlier_ratios", ...}
+    layer_sparsity: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,7 +208,8 @@ def _calibration(calibration) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 class _Stat:
-    """One statistic for one distinct input: H [d, d] (sparsegpt, gptq) or col_sq_norm [d] (wanda), fp32."""
+    """One statistic of one distinct input, fp32: H [d, d] (hessian), or [d]: col_sq_norm (mean x^2),
+    act_absmean (mean |x|), act_absmax (max |x|); the kinds of lmsqueeze.compressor.methods.STATISTICS."""
 
     def __init__(self, kind: str, d: int, device):
         self.kind = kind
@@ -214,8 +219,21 @@ class _Stat:
     def add(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         if self.kind == "hessian":
             self.n = hessian_update(self.value, x, self.n, mask)
-        else:
+        elif self.kind == "col_sq_norm":
             self.n = col_sq_norm_update(self.value, x, self.n, mask)
+        else:  # activation scales: a [tokens, d] pass over the valid tokens, memory-bound like col_sq_norm
+            rows = x.reshape(-1, x.shape[-1])
+            if mask is not None:
+                rows = rows[mask.reshape(-1)]
+            m = rows.shape[0]
+            if m == 0:
+                return
+            a = rows.abs().float()
+            if self.kind == "act_absmax":
+                torch.maximum(self.value, a.amax(0), out=self.value)
+            else:
+                self.value.mul_(self.n / (self.n + m)).add_(a.sum(0), alpha=1.0 / (self.n + m))
+            self.n += m
 
     def reduce(self) -> None:
         """Data parallel: turn every rank's running mean into the mean over all ranks' tokens.
@@ -224,11 +242,21 @@ class _Stat:
         and divided by the total. The fast Hessian paths hold only the lower triangle before
         finish(): reducing both triangles is harmless, only the lower one is read. In place, one
         statistic at a time (a Hessian may be GBs: no packed copy of the whole layer's statistics).
+        A maximum (act_absmax) is all-reduced as a maximum and not divided.
         """
         if not ddp.active():
             return
+        if self.kind == "act_absmax":
+            import torch.distributed as dist
+
+            ddp._run("all-reduce of an activation maximum", dist.all_reduce, self.value, op=dist.ReduceOp.MAX)
+            return
         self.value.mul_(float(self.n))
         ddp.all_reduce_sum_(self.value, what=f"all-reduce of a {self.kind} statistic")
+
+    @property
+    def is_mean(self) -> bool:
+        return self.kind != "act_absmax"
 
     def finish(self) -> torch.Tensor:
         if self.kind == "hessian":
@@ -304,7 +332,9 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
             for name, mod in mods.items():
                 config.check_width(weight_of(mod).shape[1], name)
 
-    needs_data = bool(config.needs) or measure_error
+    method = get_method(config.method)
+    owl = getattr(config, "layer_sparsity", "uniform") == "owl"
+    needs_data = bool(method.needs) or measure_error or owl
     ids = mask = None
     if needs_data:
         if calibration is None:
@@ -342,6 +372,12 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
         rest_home = next((p.device for n, p in model.named_parameters() if not n.startswith(prefix + ".")), home)
         batches = _capture(model, layers, ids, mask, batch_size, device, rest_home, clock) if needs_data else []
         _check_hidden(batches, f"the inputs of {prefix}.0 (the embedded calibration tokens)", dtype)
+        layer_cfgs = [config] * len(layers)
+        if owl:
+            layer_cfgs, report.layer_sparsity = _owl_configs(model, layers, targets, config, batches, device, home,
+                                                             offload, clock)
+        elif hasattr(config, "layer_sparsity"):
+            report.layer_sparsity = {"mode": "uniform", "target": config.fraction}
         bar = progress(range(len(layers)), desc=f"{config.method}", unit="layer", leave=True)
         for i in bar:
             layer = layers[i]
@@ -351,31 +387,23 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
                 layer.to(device)
             mods = targets[i]
             kw_i = _kwargs_for(model, i, batches)
-            stats, leader_of = ({}, {})
-            if config.needs and mods:
+            cfg = layer_cfgs[i]
+            stats, leader_of, producers = {}, {}, {}
+            if method.needs and mods:
                 bar.set_postfix_str(f"layer {i}: statistics")
-                stats, leader_of = _statistics(layer, mods, batches, kw_i, config.needs, device, clock)
+                stats, leader_of = _statistics(layer, mods, batches, kw_i, method.needs, device, clock,
+                                               producers if method.solve_group is not None else None)
             bar.set_postfix_str(f"layer {i}: solve")
             originals = {}
             t0 = clock.now()
-            solved = {}
-            for k, (name, mod) in enumerate(mods.items()):
-                W = weight_of(mod)
-                if measure_error:
-                    originals[name] = W.detach().clone()
-                if k % ddp.world_size() != ddp.rank():
-                    continue  # data parallel: module k is solved by rank k % world, which broadcasts it
-                stat = stats[leader_of[name]].value if stats else None
-                _check_inputs(W, stat, name, leader_of.get(name), dtype)
-                res = compress_weight(W.detach(), stat, config, keep_grid=grids is not None)
-                check_result(res, name)
-                W.copy_(res.W.to(W.dtype))
-                if res.grid is not None and grids is not None:
-                    grids[name] = _grid_to_cpu(res.grid)
-                solved[name] = dict(sparsity=None if res.mask is None else 1.0 - float(res.mask.float().mean()),
-                                    loss=res.loss, percdamp=res.percdamp, dead=res.dead)
-            del stats
-            if ddp.active():
+            if measure_error:
+                originals = {name: weight_of(mod).detach().clone() for name, mod in mods.items()}
+            if method.solve_group is not None:
+                solved = _solve_groups(method, cfg, mods, stats, leader_of, producers, originals, grids, dtype)
+            else:
+                solved = _solve_modules(method, cfg, mods, stats, leader_of, grids, dtype)
+            del stats, producers
+            if ddp.active() and method.solve_group is None:
                 for k, (name, mod) in enumerate(mods.items()):
                     ddp.broadcast_(mod.weight.data, src=k % ddp.world_size(), what=f"broadcast of {name}")
                 solved = dict(ddp.gather_concat(list(solved.items()), what="gather of solve results"))
@@ -422,19 +450,184 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
     return report
 
 
+def _solved(res) -> dict:
+    return dict(sparsity=None if res.mask is None else 1.0 - float(res.mask.float().mean()), loss=res.loss,
+                percdamp=res.percdamp, dead=res.dead, info=res.info)
+
+
+def _stat_values(stats: dict, leader: str | None) -> dict[str, torch.Tensor]:
+    return {k: st.value for k, st in stats[leader].items()} if stats else {}
+
+
+def _solve_modules(method, cfg, mods, stats, leader_of, grids, dtype) -> dict[str, dict]:
+    """Methods that solve one module at a time; data parallel: module k on rank k % world (then broadcast)."""
+    solved = {}
+    for k, (name, mod) in enumerate(mods.items()):
+        if k % ddp.world_size() != ddp.rank():
+            continue  # data parallel: module k is solved by rank k % world, which broadcasts it
+        W = weight_of(mod)
+        st = _stat_values(stats, leader_of.get(name))
+        _check_inputs(W, st, name, leader_of.get(name), dtype)
+        res = method.solve(W.detach(), st, cfg, grids is not None)
+        check_result(res, name)
+        W.copy_(res.W.to(W.dtype))
+        if res.grid is not None and grids is not None:
+            grids[name] = _grid_to_cpu(res.grid)
+        solved[name] = _solved(res)
+    return solved
+
+
+def _solve_groups(method, cfg, mods, stats, leader_of, producers, originals, grids, dtype) -> dict[str, dict]:
+    """Methods that solve the modules reading one input together (AWQ). Every rank solves every group (the
+    statistics are already all-reduced, so the results agree) and no broadcast is needed.
+
+    A result with an input_scale s holds weights for the input divided by s: the driver divides the input's
+    producer (the normalisation before the group) by s when it can (checked numerically on recorded inputs,
+    see _fold_rule); the method is told beforehand whether it can (`scalable`) and otherwise returns weights
+    that act on the input as it is.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in mods:
+        groups.setdefault(leader_of.get(name, name), []).append(name)
+    solved = {}
+    for leader, members in groups.items():
+        Ws = {n: weight_of(mods[n]).detach() for n in members}
+        st = _stat_values(stats, leader if stats else None)
+        for n in members:
+            _check_inputs(Ws[n], st, n, leader, dtype)
+        fold = _fold_rule(*producers[leader][1:]) if leader in producers else None
+        results = method.solve_group(Ws, st, cfg, grids is not None, scalable=fold is not None)
+        scale = next((r.input_scale for r in results.values() if r.input_scale is not None), None)
+        if scale is not None:
+            if fold is None:
+                raise LmsqueezeError(f"{method.name} returned an input scale for {leader}, whose input cannot take one")
+            fold(scale)
+        for n in members:
+            res = results[n]
+            check_result(res, n)
+            W = weight_of(mods[n])
+            W.copy_(res.W.to(W.dtype))
+            if scale is not None and n in originals:  # the original weights in the scaled input domain
+                originals[n].mul_(scale.to(originals[n].device, originals[n].dtype))
+            if res.grid is not None and grids is not None:
+                grids[n] = _grid_to_cpu(res.grid)
+            solved[n] = _solved(res)
+            if scale is not None:
+                solved[n]["info"] = {**(res.info or {}), "scale_folded_into": producers[leader][0]}
+    return solved
+
+
+def _fold_rule(module, sample: torch.Tensor):
+    """A function fold(s) that divides `module`'s output by s [d] through its weight (and bias), or None.
+
+    Two weight conventions are tried, each checked on the module's recorded input: out = norm(x) * w
+    (Llama, Mistral, Qwen2, Phi-3, OPT and GPT-2 LayerNorm: w / s, bias / s) and out = norm(x) * (1 + w)
+    (Gemma: w -> (1 + w) / s - 1). A module neither fits keeps its weights: the caller quantizes without a
+    folded scale.
+    """
+    w = module.weight
+    b = getattr(module, "bias", None)
+    b = b if isinstance(b, torch.Tensor) else None
+    with torch.no_grad():
+        ref = module(sample).float()
+        probe = 0.5 + torch.rand(w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device)
+        w0, b0 = w.detach().clone(), None if b is None else b.detach().clone()
+
+        def candidate(offset: float):
+            def fold(s):
+                s = s.to(w.device, torch.float32)
+                w.copy_(((w0.float() + offset) / s - offset).to(w.dtype))
+                if b is not None:
+                    b.copy_((b0.float() / s).to(b.dtype))
+            return fold
+
+        for offset in (0.0, 1.0):
+            fold = candidate(offset)
+            fold(probe)
+            got = module(sample).float()
+            w.copy_(w0)
+            if b is not None:
+                b.copy_(b0)
+            want = ref / probe
+            # a wrong convention is off by O(1); bf16 rounding of the folded weight by ~0.4 %
+            if float((got - want).norm()) <= 0.02 * float(want.norm()):
+                return fold
+    return None
+
+
+def _owl_configs(model, layers, targets, config, batches, device, home, offload, clock):
+    """OWL (Yin et al. 2023, "Outlier Weighed Layerwise Sparsity"): one pass over the dense model collects the
+    squared input column norms of every linear module and counts, per decoder layer, the share of weights whose
+    Wanda score |W_ij| * ||X_j|| exceeds `owl_threshold` (M) times the mean score of its module: the layer's
+    outlier ratio D_l. The kept fraction of layer l is then 1 - s + lambda * (2 (D_l - min D) / (max D - min D)
+    - mean over layers of the same), so layers rich in outliers are pruned less; the per-layer sparsities
+    spread over 2 lambda, lie within s +- 2 lambda, and their mean over layers is the target s. The pass does not change the model; the
+    calibration hidden states are restored afterwards.
+
+    Returns (a config per layer with its own sparsity, the record for lmsqueeze.json).
+    """
+    import dataclasses
+
+    saved = [b["h"].clone() for b in batches]
+    ratios_out = []
+    bar = progress(range(len(layers)), desc="owl outliers", unit="layer", leave=False)
+    for i in bar:
+        layer = layers[i]
+        if offload is not None:
+            offload.fetch(i, device)
+        else:
+            layer.to(device)
+        mods = targets[i]
+        kw_i = _kwargs_for(model, i, batches)
+        outliers = total = 0
+        if mods:
+            stats, leader_of = _statistics(layer, mods, batches, kw_i, ("col_sq_norm",), device, clock)
+            for name, mod in mods.items():
+                score = weight_of(mod).detach().float().abs() * stats[leader_of[name]]["col_sq_norm"].value.sqrt()
+                outliers += int((score > config.owl_threshold * score.mean()).sum())
+                total += score.numel()
+            del stats
+        ratios_out.append(outliers / total if total else 0.0)
+        t0 = clock.now()
+        for b, kw in zip(batches, kw_i):
+            b["h"] = _layer_forward(layer, b, kw)
+        clock.t["forward"] += clock.now() - t0
+        if offload is not None:
+            offload.release(i)
+        else:
+            layer.to(home)
+    bar.close()
+    for b, h in zip(batches, saved):
+        b["h"] = h
+    D = torch.tensor(ratios_out, dtype=torch.float64)
+    spread = float(D.max() - D.min())
+    norm = (D - D.min()) / spread if spread > 0 else torch.zeros_like(D)
+    lam, target = config.owl_lambda, config.fraction
+    density = (1.0 - target) + lam * (2 * norm - float((2 * norm).mean()))
+    # the config checked that s +- 2 lambda stays in [0, 1), the widest these can reach
+    cfgs = [dataclasses.replace(config, sparsity=round(1.0 - float(d), 6)) for d in density]
+    record = {"mode": "owl", "target": target, "threshold_m": config.owl_threshold, "lambda": lam,
+              "outlier_ratios": [round(r, 6) for r in ratios_out], "ratios": [c.sparsity for c in cfgs],
+              "mean": sum(c.sparsity for c in cfgs) / len(cfgs)}
+    log.info("OWL layer sparsities: %s", ", ".join(f"{c.sparsity:.3f}" for c in cfgs))
+    return cfgs, record
+
+
 def _overflow_hint(dtype: torch.dtype) -> str:
     if dtype == torch.float16:
         return "; fp16 overflows past 65504: compress in bf16 or fp32 (--dtype bf16)"
     return "; check the model's weights and the calibration text"
 
 
-def _check_inputs(W: torch.Tensor, stat: torch.Tensor | None, name: str, leader: str | None, dtype) -> None:
-    """The weights and the statistic a method is about to read: finite, or an error naming the module."""
+def _check_inputs(W: torch.Tensor, stats: dict[str, torch.Tensor], name: str, leader: str | None, dtype) -> None:
+    """The weights and the statistics a method is about to read: finite, or an error naming the module."""
     check_finite(W, f"the weights of {name}", "; the checkpoint itself holds nan/inf")
-    if stat is not None:
-        kind = "Hessian" if stat.dim() == 2 else "column norms"
+    words = {"hessian": "Hessian", "col_sq_norm": "column norms", "act_absmean": "mean |activation|",
+             "act_absmax": "max |activation|"}
+    for kind, stat in stats.items():
         shared = f" (shared with {leader})" if leader and leader != name else ""
-        check_finite(stat, f"the {kind} of the calibration inputs of {name}{shared}", _overflow_hint(dtype))
+        check_finite(stat, f"the {words.get(kind, kind)} of the calibration inputs of {name}{shared}",
+                     _overflow_hint(dtype))
 
 
 def _check_hidden(batches: list[dict], what: str, dtype) -> None:
@@ -541,16 +734,19 @@ def _layer_forward(layer, batch, kwargs):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _statistics(layer, mods, batches, kw_i, kind, device, clock):
-    """Run the calibration forward with hooks; returns ({leader: _Stat}, {module name: leader name}).
+def _statistics(layer, mods, batches, kw_i, kinds, device, clock, producers: dict | None = None):
+    """Run the calibration forward with hooks; returns ({leader: {kind: _Stat}}, {module name: leader name}).
 
     Modules that read the very same tensor (q/k/v, gate/up) share one statistic: the first batch
     records every module's input (holding them keeps identities unique), groups them by tensor
     identity, then folds them in; later batches update each group once, from its leader's hook.
+    producers: a dict to fill with {leader: (name, module, its input)} for every leader whose input is
+    the output of a module with a 1-D weight (a normalisation) inside the layer, recorded on the first
+    batch (AWQ folds its input scales there).
     """
-    current = {"mask": None, "probe": None}
+    current = {"mask": None, "probe": None, "outputs": None}
     leader_of: dict[str, str] = {}
-    stats: dict[str, _Stat] = {}
+    stats: dict[str, dict[str, _Stat]] = {}
 
     def make_hook(name):
         def hook(module, inputs, output):
@@ -560,20 +756,33 @@ def _statistics(layer, mods, batches, kw_i, kind, device, clock):
                 return
             if leader_of.get(name) == name:
                 t0 = clock.now()
-                stats[name].add(x, _token_mask(x, current["mask"], name))
+                m = _token_mask(x, current["mask"], name)
+                for st in stats[name].values():
+                    st.add(x, m)
                 clock.t["statistics"] += clock.now() - t0
         return hook
 
+    def make_output_hook(name):
+        def hook(module, inputs, output):
+            if current["outputs"] is not None and inputs and isinstance(output, torch.Tensor):
+                current["outputs"].append((name, module, inputs[0], output))
+        return hook
+
     handles = [mod.register_forward_hook(make_hook(name)) for name, mod in mods.items()]
+    if producers is not None:
+        handles += [mod.register_forward_hook(make_output_hook(name)) for name, mod in layer.named_modules()
+                    if isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 1]
     try:
         for bi, (batch, kw) in enumerate(zip(batches, kw_i)):
             current["mask"] = batch["mask"]
             current["probe"] = [] if bi == 0 else None
+            current["outputs"] = [] if bi == 0 and producers is not None else None
             t0 = clock.now()
             _layer_forward(layer, batch, kw)
             clock.t["forward"] += clock.now() - t0
             if bi == 0:
                 probe, current["probe"] = current["probe"], None
+                outputs, current["outputs"] = current["outputs"] or [], None
                 t0 = clock.now()
                 seen: list[tuple[str, torch.Tensor]] = []
                 for name, x in probe:
@@ -581,11 +790,18 @@ def _statistics(layer, mods, batches, kw_i, kind, device, clock):
                     if lead is None:
                         seen.append((name, x))
                         leader_of[name] = name
-                        stats[name] = _Stat(kind, x.shape[-1], device)
-                        stats[name].add(x, _token_mask(x, batch["mask"], name))
+                        stats[name] = {k: _Stat(k, x.shape[-1], device) for k in kinds}
+                        m = _token_mask(x, batch["mask"], name)
+                        for st in stats[name].values():
+                            st.add(x, m)
+                        src = next(((pn, pm, pin) for pn, pm, pin, out in outputs
+                                    if out is x or _same_tensor(out, x)), None)
+                        if src is not None and producers is not None:
+                            pin = src[2].reshape(-1, src[2].shape[-1])[:64].detach().clone()
+                            producers[name] = (src[0], src[1], pin)
                     else:
                         leader_of[name] = lead
-                del probe, seen
+                del probe, seen, outputs
                 clock.t["statistics"] += clock.now() - t0
     finally:
         for h in handles:
@@ -594,23 +810,24 @@ def _statistics(layer, mods, batches, kw_i, kind, device, clock):
     if missing:
         raise LmsqueezeError(f"the calibration forward never called {', '.join(missing)}")
     t0 = clock.now()
-    _reduce_stats(stats)
-    for s in stats.values():
-        s.finish()
+    flat = [st for group in stats.values() for st in group.values()]
+    _reduce_stats(flat)
+    for st in flat:
+        st.finish()
     clock.t["statistics"] += clock.now() - t0
     return stats, leader_of
 
 
-def _reduce_stats(stats: dict) -> None:
+def _reduce_stats(stats: list) -> None:
     """Data parallel: sums and token counts over every rank (one all-reduce per statistic + one for counts)."""
     if not ddp.active() or not stats:
         return
-    dev = next(iter(stats.values())).value.device
-    counts = torch.tensor([float(s.n) for s in stats.values()], dtype=torch.float64, device=dev)
+    dev = stats[0].value.device
+    counts = torch.tensor([float(s.n) for s in stats], dtype=torch.float64, device=dev)
     ddp.all_reduce_sum_(counts, what="all-reduce of the token counts")
-    for s, total in zip(stats.values(), counts.tolist()):
+    for s, total in zip(stats, counts.tolist()):
         s.reduce()
-        if total > 0:
+        if total > 0 and s.is_mean:
             s.value.div_(total)
         s.n = int(total)
 

@@ -1,7 +1,10 @@
 """A study's specification and the grid of cells it expands to.
 
-The grid is not a blind product: pruning methods (magnitude, wanda, sparsegpt) vary the sparsity,
-quantizers (gptq, rtn) vary the bits, and data-free methods (magnitude, rtn) run once rather than
+The grid is not a blind product; what each method varies comes from the method registry
+(lmsqueeze.compressor.methods): pruners (magnitude, wanda, sparsegpt) vary the sparsity; quantizers
+with a bit width (gptq, rtn, awq) vary the bits (default 4); quantizers of a fixed format (nf4,
+llm-int8) run once; a pruner that can also quantize (sparsegpt) gets joint sparse + quantized cells,
+sparsity x bits, when --bits is given. Data-free methods (magnitude, rtn, nf4) run once rather than
 once per calibration source (their result does not depend on it). One "dense" cell, the base model
 evaluated on the same tasks, comes first.
 """
@@ -15,10 +18,21 @@ from pathlib import Path
 
 from lmsqueeze.errors import LmsqueezeError
 
-PRUNERS = ("magnitude", "wanda", "sparsegpt")
-QUANTIZERS = ("gptq", "rtn")
-DATA_FREE = ("magnitude", "rtn")
-METHODS = PRUNERS + QUANTIZERS
+DEFAULT_BITS = 4  # quantizers' bits when the study gives none
+
+
+def __getattr__(name):
+    # the method lists come from the registry, which imports torch: looked up on use, not on import
+    from lmsqueeze.compressor.methods import registry
+
+    reg = registry()
+    lists = {"PRUNERS": tuple(n for n, m in reg.items() if m.prunes),
+             "QUANTIZERS": tuple(n for n, m in reg.items() if m.kind == "quantize"),
+             "DATA_FREE": tuple(n for n, m in reg.items() if m.data_free),
+             "METHODS": tuple(reg)}
+    if name in lists:
+        return lists[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -27,7 +41,8 @@ class StudySpec:
     model: str
     methods: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
     sparsity: tuple[str, ...] = ("0.5",)
-    bits: tuple[int, ...] = (4,)
+    bits: tuple[int, ...] = ()          # empty: quantizers at DEFAULT_BITS, pruners not quantized
+    layer_sparsity: str = "uniform"     # pruners: uniform or owl
     calib: tuple[str, ...] = ("wikitext2:valid",)
     nsamples: int = 128
     calib_seqlen: int = 2048
@@ -63,11 +78,17 @@ class StudySpec:
             object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
         except ValueError:
             raise LmsqueezeError(f"--bits must be integers like 3,4; got {','.join(map(str, self.bits))}") from None
-        bad = [m for m in self.methods if m not in METHODS]
+        from lmsqueeze.compressor.methods import registry
+
+        reg = registry()
+        bad = [m for m in self.methods if m not in reg]
         if bad or not self.methods:
-            raise LmsqueezeError(f"unknown method(s) {', '.join(bad) or '(none)'}; valid: {', '.join(METHODS)}")
-        if not self.calib and any(m not in DATA_FREE for m in self.methods):
-            raise LmsqueezeError("--calib is empty but wanda/sparsegpt/gptq need calibration data")
+            raise LmsqueezeError(f"unknown method(s) {', '.join(bad) or '(none)'}; valid: {', '.join(reg)}")
+        calibrated = [m for m in self.methods if not reg[m].data_free]
+        if not self.calib and calibrated:
+            raise LmsqueezeError(f"--calib is empty but {', '.join(calibrated)} need calibration data")
+        if self.layer_sparsity not in ("uniform", "owl"):
+            raise LmsqueezeError(f"--layer-sparsity '{self.layer_sparsity}' is invalid; valid: uniform, owl")
         if self.suite is None and not self.tasks:
             raise LmsqueezeError("a study needs tasks: --suite core|safety|full and/or --tasks")
         if self.limit is not None and self.limit < 1:
@@ -109,28 +130,49 @@ class Cell:
 
 def _config(method: str, spec: StudySpec, sparsity=None, bits=None) -> dict:
     from lmsqueeze.compressor import make_config
+    from lmsqueeze.compressor.methods import get
 
-    group = spec.group_size if method in QUANTIZERS else None
-    return make_config(method, sparsity=sparsity, bits=bits, group_size=group).to_dict()
+    m = get(method)
+    group = spec.group_size if bits is not None else None
+    owl = spec.layer_sparsity if m.prunes and spec.layer_sparsity != "uniform" else None
+    return make_config(method, sparsity=sparsity, bits=bits, group_size=group, layer_sparsity=owl).to_dict()
+
+
+def _variants(method, spec: StudySpec) -> list[dict]:
+    """The settings of one method's cells: [{"sparsity": s}], [{"bits": b}], [{"sparsity": s, "bits": b}] or [{}]."""
+    if method.prunes:
+        if not spec.sparsity:
+            raise LmsqueezeError(f"method '{method.name}' needs --sparsity")
+        if method.quantizes and spec.bits:  # --bits with a pruner that can quantize: joint cells
+            return [{"sparsity": s, "bits": b} for s in spec.sparsity for b in spec.bits]
+        return [{"sparsity": s} for s in spec.sparsity]
+    if method.takes_bits:
+        return [{"bits": b} for b in (spec.bits or (DEFAULT_BITS,))]
+    return [{}]
+
+
+def _label(method: str, v: dict, source: str | None) -> str:
+    what = " + ".join(([str(v["sparsity"])] if "sparsity" in v else []) + ([f"{v['bits']}-bit"] if "bits" in v else []))
+    return " ".join(p for p in (method, what, source) if p)
 
 
 def expand_grid(spec: StudySpec) -> list[Cell]:
     """The cells of a study in run order: dense first, then method by method (see the module docstring)."""
+    from lmsqueeze.compressor.methods import get
+
     cells = [Cell("dense", label="dense (base model)")] if spec.dense else []
-    for method in spec.methods:
-        variants = ([("sparsity", s) for s in spec.sparsity] if method in PRUNERS
-                    else [("bits", b) for b in spec.bits])
-        if not variants:
-            raise LmsqueezeError(f"method '{method}' needs {'--sparsity' if method in PRUNERS else '--bits'}")
-        calibs = [None] if method in DATA_FREE else list(spec.calib)
-        for kind, value in variants:
-            cfg = _config(method, spec, **{kind: value})  # validates (bad sparsity, bits) before any work
+    for name in spec.methods:
+        method = get(name)
+        calibs = [None] if method.data_free else list(spec.calib)
+        for v in _variants(method, spec):
+            cfg = _config(name, spec, **v)  # validates (bad sparsity, bits) before any work
             for source in calibs:
                 calib = None if source is None else {"source": source, "nsamples": spec.nsamples,
                                                      "seqlen": spec.calib_seqlen, "seed": spec.seed}
-                what = f"{value}" if kind == "sparsity" else f"{value}-bit"
-                label = f"{method} {what}" + (f" {source}" if source else "")
-                cells.append(Cell(method, cfg, calib, label))
+                label = _label(name, v, source)
+                if cfg.get("layer_sparsity") == "owl":
+                    label = label.replace(f"{name} ", f"{name} owl ", 1)
+                cells.append(Cell(name, cfg, calib, label))
     return cells
 
 

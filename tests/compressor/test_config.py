@@ -47,7 +47,8 @@ def test_bad_quantization_and_shared_fields():
 
 
 def test_unknown_method_and_foreign_options():
-    with pytest.raises(LmsqueezeError, match="unknown method 'obs'; valid: magnitude, wanda, sparsegpt, gptq, rtn"):
+    with pytest.raises(LmsqueezeError, match="unknown method 'obs'; valid: magnitude, wanda, sparsegpt, gptq, rtn, "
+                                             "awq, llm-int8, nf4"):
         make_config("obs")
     with pytest.raises(LmsqueezeError, match="method 'wanda' does not take --bits"):
         make_config("wanda", bits=4)
