@@ -57,8 +57,9 @@ Give a one-sentence reason, then your verdict on the last line, exactly one of: 
 
 VERDICTS = ("A", "B", "tie")
 _BRACKETED = re.compile(r"\[\[\s*(a|b|tie)\s*\]\]", re.I)
-_LABELLED = re.compile(r"(?:verdict|answer|winner|better (?:response|answer) is|better one is|prefer)\s*(?:is)?"
-                       r"\s*[:\-]?\s*\**\s*\[?\s*(?:response|assistant)?\s*\(?(a|b|tie)\)?\b", re.I)
+# label words in any case; the verdict letter in capitals (or "tie"), so "I prefer a short answer" is no verdict
+_LABELLED = re.compile(r"(?i:verdict|answer|winner|better (?:response|answer) is|better one is|prefer)\s*(?i:is)?"
+                       r"\s*[:\-]?\s*\**\s*\[?\s*(?i:response\s*|assistant\s*)?\(?(A|B|[Tt]ie)\)?\b")
 _BARE = re.compile(r"^\W*(?:response|assistant|option)?\s*\(?(a|b|tie|equal|both)\)?\W*$", re.I)
 _TIE_WORDS = {"tie", "equal", "both"}
 

@@ -30,6 +30,8 @@ from lmsqueeze.evaluation.judge import (
     ("Response B answers the question; the other does not.", "B"),
     ("Response A and Response B are both weak", None),
     ("I cannot decide.", None),
+    ("I prefer a response that is short.", None),
+    ("Verdict: Response B", "B"),
     ("", None),
 ])
 def test_parse_verdict(reply, want):
