@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmsqueeze import distributed as ddp
+from lmsqueeze.compressor.calibration import calibration_tokens
 from lmsqueeze.compressor.methods import check_finite, check_result
 from lmsqueeze.compressor.methods import get as get_method
 from lmsqueeze.errors import LmsqueezeError
@@ -289,11 +290,16 @@ class _Clock:
 @torch.no_grad()
 def compress(model, config, calibration=None, *, device: str | torch.device | None = None, batch_size: int = 8,
              measure_error: bool = True, error_samples: int | None = 8,
-             calibration_info: dict | None = None, offload=None, grids: dict | None = None) -> CompressionReport:
+             calibration_info: dict | None = None, offload=None, grids: dict | None = None,
+             tokenizer=None, nsamples: int | None = None, seqlen: int | None = None, seed: int = 0,
+             data_dir=None) -> CompressionReport:
     """Compress `model` in place with `config`; returns a CompressionReport.
 
-    calibration: a [nsamples, seqlen] token tensor, or a dict with input_ids and attention_mask (0 = padding);
-    may be None for data-free methods (magnitude, rtn) with measure_error=False.
+    calibration: a source name ("wikitext2:valid", "pydoc", a file), a list of strings, a datasets.Dataset, a
+    [nsamples, seqlen] token tensor, or a dict with input_ids and attention_mask (0 = padding); texts are
+    tokenized with `tokenizer` (default: the model's own, from its name_or_path) into `nsamples` samples of at
+    most `seqlen` tokens (drawn with `seed`; compressor.calibration says how each kind is read). May be None
+    for data-free methods (magnitude, rtn) with measure_error=False.
     device: where each layer is computed (None: where the layers are); the model itself stays put.
     batch_size: calibration samples per forward pass (bounds activation memory).
     measure_error: measure each module's relative output error during the propagate forward, on the
@@ -339,7 +345,10 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
     if needs_data:
         if calibration is None:
             raise LmsqueezeError(f"{config.method} needs calibration data (or measure_error=False for data-free methods)")
-        ids, mask = _calibration(calibration)
+        tokens, described = calibration_tokens(calibration, model, tokenizer=tokenizer, nsamples=nsamples,
+                                               seqlen=seqlen, seed=seed, data_dir=data_dir)
+        calibration_info = {**described, **(calibration_info or {})}
+        ids, mask = _calibration(tokens)
         # past its learned positions a model dies in the capture (IndexError), past its rotary range it
         # calibrates silently on positions it never saw: one error before any work, for both
         check_sequence_length(model, int(ids.shape[1]), "the calibration window")

@@ -25,6 +25,7 @@ log = logging.getLogger("lmsqueeze")
 
 RESULTS = "results.jsonl"
 SCHEMA = "lmsqueeze.study-record/2"
+STUDY_SCHEMA = "lmsqueeze.study/1"  # DIR/study.json: the spec and the cells
 
 
 # ---- results.jsonl ----------------------------------------------------------------------------------
@@ -126,7 +127,8 @@ def run_study(spec: StudySpec, output_dir: str | os.PathLike, *, on_cell=None, l
     cells = expand_grid(spec)
     from lmsqueeze.io import write_json_atomic
 
-    write_json_atomic(out / "study.json", {"spec": {k: (list(v) if isinstance(v, tuple) else v)
+    write_json_atomic(out / "study.json", {"schema": STUDY_SCHEMA,
+                                           "spec": {k: (list(v) if isinstance(v, tuple) else v)
                                                     for k, v in vars(spec).items()},
                                            "cells": [c.label for c in cells]})
     _repair(out / RESULTS)
