@@ -15,7 +15,7 @@ def evaluate(*args, **kwargs):
 
 __all__ += ["evaluate"]
 _COMPRESSOR = ("compress", "save_compressed", "load_compressed", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig",
-               "GPTQConfig", "RTNConfig", "CompressionReport")
+               "GPTQConfig", "RTNConfig", "AWQConfig", "NF4Config", "LLMInt8Config", "CompressionReport")
 __all__ += list(_COMPRESSOR)
 
 
@@ -25,4 +25,10 @@ def __getattr__(name):
         import lmsqueeze.compressor as _c
 
         return getattr(_c, name)
+    if name.endswith("Config"):  # the config of any registered method (LMSQUEEZE_METHODS plug-ins too)
+        from lmsqueeze.compressor.methods import registry
+
+        for method in registry().values():
+            if method.config.__name__ == name:
+                return method.config
     raise AttributeError(f"module 'lmsqueeze' has no attribute {name!r}")

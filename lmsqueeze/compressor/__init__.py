@@ -9,7 +9,10 @@ from lmsqueeze.compressor.config import (
                                          make_config,
 )
 from lmsqueeze.compressor.driver import CompressionReport, compress
+from lmsqueeze.compressor.methods.awq import AWQConfig
+from lmsqueeze.compressor.methods.llm_int8 import LLMInt8Config
+from lmsqueeze.compressor.methods.nf4 import NF4Config
 from lmsqueeze.compressor.save import load_compressed, save_compressed
 
-__all__ = ["CompressionReport", "GPTQConfig", "MagnitudeConfig", "RTNConfig", "SparseGPTConfig", "WandaConfig",
+__all__ = ["AWQConfig", "CompressionReport", "GPTQConfig", "LLMInt8Config", "NF4Config", "MagnitudeConfig", "RTNConfig", "SparseGPTConfig", "WandaConfig",
            "compress", "from_dict", "load_compressed", "make_config", "save_compressed"]
