@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from lmsqueeze.compressor import compress, make_config
+from lmsqueeze.compressor import compress, make_config, save_compressed
 from lmsqueeze.compressor.config import RTNConfig, WandaConfig
 from lmsqueeze.compressor.driver import weight_of
 from lmsqueeze.compressor.methods import compress_weight, rtn
@@ -117,7 +117,7 @@ def test_awq_beats_rtn_and_its_folded_weights_are_on_the_grid():
     assert err(packed.W) <= e_rtn
 
 
-def test_awq_through_the_driver_folds_into_the_norms():
+def test_awq_through_the_driver_folds_into_the_norms(tmp_path):
     torch.manual_seed(0)
     model, _ = load_model("tiny-llama")
     dense = copy.deepcopy(model)
@@ -144,6 +144,14 @@ def test_awq_through_the_driver_folds_into_the_norms():
         ref = dense(ids).logits
         e_awq, e_rtn = ((m(ids).logits - ref).abs().mean() for m in (model, rtn_model))
     assert e_awq < e_rtn  # (a wrong fold would be off by far more than the grid)
+    # the packed checkpoint (codes of Q(W diag(s)), folded norms) loads in plain transformers to the same logits
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    save_compressed(model, None, tmp_path / "ckpt", rep, format="compressed-tensors", grids=grids)
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.allclose(packed(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_llm_int8_and_nf4_through_the_driver():
