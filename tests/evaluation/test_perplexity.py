@@ -106,3 +106,25 @@ def test_a_window_longer_than_the_positions_fails_before_any_weights_load(name, 
     with pytest.raises(LmsqueezeError, match=r"ppl:pydoc: the window \(--eval-seqlen\) is 1024 tokens but the model "
                                               r"\(\w+\) has 512 positions"):
         evaluate(name, tasks="ppl:pydoc", seqlen=1024)
+
+
+def test_head_tokens_tokenizes_only_the_beginning_and_checks_the_cut():
+    from lmsqueeze.evaluation.tasks.perplexity import head_tokens
+
+    tok = models.load_tokenizer("smollm2-135m")
+    text = load_text("pydoc") * 3
+    full = tokenize_text(tok, text)
+    tokens, part = head_tokens(tok, text, 1500)
+    assert len(part) < len(text) / 4 and part.endswith("\n") and text.startswith(part)
+    assert tokens.numel() >= 1500 + 64 and torch.equal(tokens[:1500], full[:1500])
+    assert covered_text(tok, part, 1500) == covered_text(tok, text, 1500)
+
+    class CutSensitive:  # its first token says how long the text was: every cut changes it
+        def __call__(self, text, **kw):
+            return {"input_ids": [len(text) % 251] + list(text.encode())}
+
+    tokens, part = head_tokens(CutSensitive(), text, 1500)
+    assert part == text and tokens.numel() == len(text.encode()) + 1  # the check failed: the whole text
+    short = "a few words\n"
+    tokens, part = head_tokens(tok, short, 1500)
+    assert part == short and torch.equal(tokens, tokenize_text(tok, short))

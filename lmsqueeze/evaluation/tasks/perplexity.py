@@ -65,6 +65,32 @@ def covered_text(tokenizer, text: str, ntokens: int) -> str:
     return text[:end]
 
 
+def head_tokens(tokenizer, text: str, need: int) -> tuple[torch.Tensor, str]:
+    """(tokens, the text they are of): at least need + 64 tokens of a line-aligned beginning of `text`, or
+    all of it, whose first `need` tokens are those of the whole text.
+
+    Tokenizing a whole corpus for a few windows (`--limit`) costs seconds to minutes; the beginning
+    suffices, as long as where it is cut cannot change the tokens used. That is checked, not assumed:
+    the first `need` tokens of the beginning must equal those of a beginning twice as long, else the
+    whole text is tokenized.
+    """
+    size = max(8 * need, 4096)  # characters; a token is 1 to 6 characters in most text
+    while size < len(text):
+        cut = text.find("\n", size)
+        if cut < 0:
+            break
+        part = text[:cut + 1]
+        tokens = tokenize_text(tokenizer, part)
+        if tokens.numel() >= need + 64:
+            cut2 = text.find("\n", 2 * cut + 2)
+            longer = tokenize_text(tokenizer, text if cut2 < 0 else text[:cut2 + 1])
+            if torch.equal(longer[:need], tokens[:need]):
+                return tokens, part
+            break
+        size *= 2
+    return tokenize_text(tokenizer, text), text
+
+
 def text_units(text: str) -> tuple[int, int]:
     """(whitespace-separated words, UTF-8 bytes) of a text."""
     return len(text.split()), len(text.encode("utf-8"))
@@ -111,28 +137,32 @@ class PerplexityTask(Task):
 
     def windows(self, tokenizer):
         # run() and samples() both cut the text; tokenizing a long text twice costs seconds
+        return self._cut(tokenizer)[0]
+
+    def _cut(self, tokenizer):
+        """(windows, the beginning of the text they were cut from), once per tokenizer: with --limit only
+        the beginning of the text that the windows need is tokenized (head_tokens)."""
         memo = getattr(self, "_windows_memo", None)
         if memo is not None and memo[0] is tokenizer:
             return memo[1]
-        wins = self._cut(tokenizer)
-        self._windows_memo = (tokenizer, wins)
-        return wins
-
-    def _cut(self, tokenizer):
-        tokens = tokenize_text(tokenizer, self.text)
+        if self.opts.limit is not None:
+            tokens, text = head_tokens(tokenizer, self.text, self.opts.limit * self.opts.seqlen)
+        else:
+            tokens, text = tokenize_text(tokenizer, self.text), self.text
         wins = windows(tokens, self.opts.seqlen, self.opts.limit)
         if not wins:
             raise LmsqueezeError(f"'{self.arg}' has {tokens.numel()} tokens: too few for one window of "
                                  f"{self.opts.seqlen}")
-        return wins
+        self._windows_memo = (tokenizer, (wins, text))
+        return wins, text
 
     def requests(self, tokenizer):
         return [(w[:1].tolist(), w[1:].tolist()) for w in self.windows(tokenizer)]
 
     def run(self, backend, base):
-        wins = self.windows(backend.tokenizer)
+        wins, text = self._cut(backend.tokenizer)
         res = backend.loglik_tokens([(w[:1].tolist(), w[1:].tolist()) for w in wins], desc=self.name)
-        words, nbytes = text_units(covered_text(backend.tokenizer, self.text, sum(w.numel() for w in wins)))
+        words, nbytes = text_units(covered_text(backend.tokenizer, text, sum(w.numel() for w in wins)))
         items = [{"window": i, "nll": -r.logprob, "tokens": r.ntokens} for i, r in enumerate(res)]
         summary = summarize_ppl([-r.logprob for r in res], [r.ntokens for r in res], words, nbytes)
         summary.update(windows=len(wins), seqlen=self.opts.seqlen, source=self.arg,
