@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.errors import DataNotFound, LmsqueezeError
 from lmsqueeze.io import iter_jsonl, read_json_file, read_text_file
 
 log = logging.getLogger("lmsqueeze")
@@ -75,7 +75,7 @@ def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path:
         if p.exists():
             return p
         tried.append(str(p))
-    raise LmsqueezeError(f"data set '{name}' not found; looked in: {', '.join(tried)} "
+    raise DataNotFound(f"data set '{name}' not found; looked in: {', '.join(tried)} "
                          f"(give --data-dir or set LMSQUEEZE_DATA_DIR)")
 
 

@@ -205,6 +205,19 @@ def test_a_task_that_cannot_run_fails_the_run_unless_skipped(capsys, monkeypatch
     assert "vaderSentiment" in rep["results"][1]["skipped"]
 
 
+def test_a_missing_data_set_is_a_task_that_cannot_run(capsys, tmp_path):
+    argv = ["--quiet", "eval", "--model", "tiny-llama", "--tasks", "ppl:pydoc,piqa", "--limit", "1", "--eval-seqlen",
+            "16", "--data-dir", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmsqueeze: error: task 'piqa' cannot run: data set 'piqa' not found") and \
+        "--skip-unavailable" in err
+    out = tmp_path / "r.json"
+    assert main([*argv, "--skip-unavailable", "--output", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert [r["task"] for r in rep["results"]] == ["ppl:pydoc", "piqa"] and "not found" in rep["results"][1]["skipped"]
+
+
 def test_a_log_file_gets_lines_not_carriage_returns(tmp_path):
     log = tmp_path / "run.log"
     with open(log, "w") as f:  # stdout and stderr both to the file, as `lmsqueeze ... > log 2>&1`

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lmsqueeze import __version__
-from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.errors import DataNotFound, LmsqueezeError
 from lmsqueeze.evaluation import cache as _cache
 from lmsqueeze.evaluation.backend import Backend
 from lmsqueeze.evaluation.task import EvalOptions, TaskUnavailable, parse_tasks
@@ -97,7 +97,7 @@ def load_tasks(tasks, opts: EvalOptions, suite: str | None, has_base: bool, skip
             raise LmsqueezeError(f"task '{t.name}' compares with a base model: give one (--base)")
         try:
             t.ensure_loaded()
-        except TaskUnavailable as exc:
+        except (TaskUnavailable, DataNotFound) as exc:
             if not skip_unavailable:
                 raise TaskUnavailable(f"task '{t.name}' cannot run: {exc} (--skip-unavailable runs the others "
                                       f"and reports it as skipped)") from None
