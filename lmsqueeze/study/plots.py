@@ -186,10 +186,10 @@ def plot_sweeps(records: list[dict], path: Path) -> bool:
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
-               bbox_to_anchor=(0.5, -0.02 - 0.03 * (len(labels) // 4)))
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, bbox_to_anchor=(0.5, 0))
     fig.suptitle("metrics against sparsity (error bars: 95% intervals; N:M patterns are not joined to fractions)")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    legend_rows = math.ceil(len(labels) / 4)
+    fig.tight_layout(rect=(0, (0.15 + 0.2 * legend_rows) / fig.get_figheight(), 1, 0.97))  # room for the legend
     _save(fig, path)
     plt.close(fig)
     return True
