@@ -348,3 +348,17 @@ def test_png_at_print_resolution_and_svg_beside_it(tmp_path):
         assert round(im.info["dpi"][0]) == DPI and im.size[0] >= 6 * 2 * DPI * 0.8  # two 6-inch panels
     svg = (tmp_path / "p.svg").read_text()
     assert "<svg" in svg and "JSD against perplexity change" in svg  # text kept as text
+
+
+def test_perplexity_change_carries_its_paired_interval(figures):
+    from lmsqueeze.study.plots import plot_ppl_vs_divergence
+
+    recs = _only(read_results(FIXTURE), "ppl:wikitext2:test/ppl")
+    mag = next(r for r in recs if r["key"] == "k-mag05")  # ppl 30 against the base's 20: +50%
+    mag["metrics"]["ppl:wikitext2:test/ppl"].update(delta=10.0, delta_ci=[8.0, 11.0])
+    assert plot_ppl_vs_divergence(recs, Path("p.png"))
+    ax = figures["p.png"].axes[0]
+    bars = [c for c in ax.containers if list(c.lines[0].get_xdata()) == [50.0]]
+    (xerr,) = [seg for seg in bars[0].lines[2] if seg.get_segments()[0][0][1] == seg.get_segments()[0][1][1]]
+    (start, end), = [(s[0][0], s[1][0]) for s in xerr.get_segments()]
+    assert (round(start, 9), round(end, 9)) == (40.0, 55.0)  # 100 * [8, 11] / 20

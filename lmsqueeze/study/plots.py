@@ -298,7 +298,8 @@ def plot_groups(records: list[dict], path: Path) -> bool:
 
 
 def plot_ppl_vs_divergence(records: list[dict], path: Path) -> bool:
-    """Per cell: perplexity change against JSD and against PIQA flips, error bars on both axes.
+    """Per cell: perplexity change against JSD and against PIQA flips, error bars on both axes (for the change:
+    its paired interval when the record has one, else the cell's own perplexity interval over the base).
 
     Cells are told apart by marker, not by text labels (a crowded sweep made those unreadable):
     colour = method, shape = sparsity or bits, fill = calibration source. The base model sits at x = 0
@@ -335,8 +336,10 @@ def plot_ppl_vs_divergence(records: list[dict], path: Path) -> bool:
             y = value(r, metric)
             if y is None:
                 continue
-            pci = interval(r, ppl)
-            xe = _err(x_of(ratio), [x_of(c / base) for c in pci] if pci else None)
+            # the paired interval of the change (same windows on both models) when the record has it
+            dci = interval(r, ppl, "delta_ci")
+            pci = [(base + c) / base for c in dci] if dci else [c / base for c in interval(r, ppl) or ()] or None
+            xe = _err(x_of(ratio), [x_of(c) for c in pci] if pci else None)
             ye = _err(y, interval(r, metric))
             ax.errorbar([x_of(ratio)], [y], xerr=[[xe[0]], [xe[1]]], yerr=[[ye[0]], [ye[1]]], linestyle="",
                         marker=shapes[setting(r)], fillstyle=fills[r.get("calib") or "none"],
