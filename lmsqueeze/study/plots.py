@@ -237,9 +237,11 @@ def plot_calibration(records: list[dict], path: Path) -> bool:
         ax.set_title(titles(records).get(metric, metric))
         ax.grid(alpha=0.3, axis="y")
         _hold(ax, held, log)
-    axes.flat[0].legend(title="calibration", fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()  # below the panels: inside, it hid bars
+    fig.legend(handles, labels, title="calibration", loc="lower center", ncol=min(6, len(labels)), fontsize=8,
+               bbox_to_anchor=(0.5, 0))
     fig.suptitle("calibration source effect (error bars: 95% intervals)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.75 / fig.get_figheight(), 1, 1))
     _save(fig, path)
     plt.close(fig)
     return True
