@@ -177,13 +177,20 @@ def compress_weight(W: torch.Tensor, stat, cfg, keep_grid: bool = False) -> Laye
     """Compress one weight W [out, in] with cfg's method.
 
     stat: {statistic: tensor} as the method's `needs` lists, or for a method that needs one statistic the
-    tensor itself (col_sq_norm [in] for wanda, H [in, in] for sparsegpt and gptq), or None when data-free.
+    tensor itself (col_sq_norm [in] for wanda, H [in, in] for sparsegpt and gptq), or None when data-free
+    (a data-free method ignores a tensor it is given).
     keep_grid: quantizers also return their QuantGrid (ignored by pure pruners).
     Methods registered with solve_group are run as a group of one.
     """
     method = get(cfg.method)
-    stats = stat if isinstance(stat, dict) or stat is None else {method.needs[0]: stat}
-    stats = stats or {}
+    if stat is None or isinstance(stat, dict):
+        stats = stat or {}
+    elif not method.needs:  # a data-free method ignores a statistic it was handed, as the dispatch always did
+        stats = {}
+    elif len(method.needs) == 1:
+        stats = {method.needs[0]: stat}
+    else:
+        raise LmsqueezeError(f"{cfg.method} needs the statistics {', '.join(method.needs)}: pass them as a dict")
     missing = [s for s in method.needs if s not in stats]
     if missing:
         raise LmsqueezeError(f"{cfg.method} needs the statistic(s) {', '.join(missing)}")
