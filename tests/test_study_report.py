@@ -144,9 +144,15 @@ def test_grid_varies_what_each_method_takes():
     labels = [c.label for c in expand_grid(spec)]
     assert labels == ["dense (base model)", "magnitude 0.5", "magnitude 2:4",
                       "wanda 0.5 pydoc", "wanda 0.5 alpaca", "wanda 2:4 pydoc", "wanda 2:4 alpaca",
-                      "sparsegpt 0.5 pydoc", "sparsegpt 0.5 alpaca", "sparsegpt 2:4 pydoc", "sparsegpt 2:4 alpaca",
+                      # --bits with a pruner that also quantizes: joint sparse + quantized cells
+                      "sparsegpt 0.5 + 3-bit pydoc", "sparsegpt 0.5 + 3-bit alpaca",
+                      "sparsegpt 0.5 + 4-bit pydoc", "sparsegpt 0.5 + 4-bit alpaca",
+                      "sparsegpt 2:4 + 3-bit pydoc", "sparsegpt 2:4 + 3-bit alpaca",
+                      "sparsegpt 2:4 + 4-bit pydoc", "sparsegpt 2:4 + 4-bit alpaca",
                       "gptq 3-bit pydoc", "gptq 3-bit alpaca", "gptq 4-bit pydoc", "gptq 4-bit alpaca",
                       "rtn 3-bit", "rtn 4-bit"]
+    plain = StudySpec(model="tiny-llama", methods="sparsegpt,gptq", sparsity="0.5", calib="pydoc")
+    assert [c.label for c in expand_grid(plain)] == ["dense (base model)", "sparsegpt 0.5 pydoc", "gptq 4-bit pydoc"]
     keys = [c.key(spec) for c in expand_grid(spec)]
     assert len(set(keys)) == len(keys)
     assert keys == [c.key(StudySpec(model="tiny-llama", methods="magnitude,wanda,sparsegpt,gptq,rtn",
