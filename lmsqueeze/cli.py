@@ -250,8 +250,6 @@ def cmd_study(args) -> int:
         fields["skip_unavailable"] = True
     if not fields.get("model"):
         raise LmsqueezeError("a study needs --model (or model: in the --config file)")
-    if fields.get("suite") is None and not fields.get("tasks"):
-        fields["suite"] = "core"
     fields["dtype"] = resolve_dtype(fields.get("dtype"), fields.get("device"))  # the same default as eval/compress
     set_threads(args.threads)
     spec = StudySpec(**fields)

@@ -368,3 +368,10 @@ def test_perplexity_change_carries_its_paired_interval(figures):
     (xerr,) = [seg for seg in bars[0].lines[2] if seg.get_segments()[0][0][1] == seg.get_segments()[0][1][1]]
     (start, end), = [(s[0][0], s[1][0]) for s in xerr.get_segments()]
     assert (round(start, 9), round(end, 9)) == (40.0, 55.0)  # 100 * [8, 11] / 20
+
+
+def test_tasks_without_a_suite_are_the_whole_evaluation():
+    """--tasks alone runs those tasks; the core suite is the default only when no task is named (as in eval)."""
+    assert StudySpec(model="tiny-llama", methods="magnitude", sparsity="0.5").suite == "core"
+    spec = StudySpec(model="tiny-llama", methods="magnitude", sparsity="0.5", tasks="ppl:pydoc")
+    assert spec.suite is None and spec.eval_settings()["suite"] is None

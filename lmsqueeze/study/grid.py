@@ -47,7 +47,7 @@ class StudySpec:
     nsamples: int = 128
     calib_seqlen: int = 2048
     seed: int = 0
-    suite: str | None = "core"
+    suite: str | None = None           # None: "core" when no tasks are given, else only the tasks
     tasks: tuple[str, ...] = ()
     limit: int | None = None
     eval_seqlen: int = 512
@@ -90,7 +90,7 @@ class StudySpec:
         if self.layer_sparsity not in ("uniform", "owl"):
             raise LmsqueezeError(f"--layer-sparsity '{self.layer_sparsity}' is invalid; valid: uniform, owl")
         if self.suite is None and not self.tasks:
-            raise LmsqueezeError("a study needs tasks: --suite core|safety|full and/or --tasks")
+            object.__setattr__(self, "suite", "core")
         if self.limit is not None and self.limit < 1:
             raise LmsqueezeError(f"--limit must be >= 1, got {self.limit}")
 
