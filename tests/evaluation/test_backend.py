@@ -124,6 +124,8 @@ def test_prompts_longer_than_the_positions_are_cut_and_counted(tmp_path, name):
     alpaca, bold = rep["results"]
     assert alpaca["summary"]["truncated_prompts"] == 1 and alpaca["summary"]["items"] == 2
     assert bold["summary"]["truncated_prompts"] == 1 and bold["summary"]["n_items"] == 2
+    # the long prompt's own perplexity is taken over the first tokens that fit the 512 positions
+    assert sorted(x["prompt_tokens"] for x in bold["items"])[-1] == 512
 
 
 def test_a_checkpoint_whose_weights_appear_in_the_top_level_hook_evaluates(tiny):

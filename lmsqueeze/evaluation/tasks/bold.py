@@ -106,6 +106,20 @@ def _distinct(text: str) -> float:
     return len(set(words)) / len(words) if words else 0.0
 
 
+def prompt_requests(backend, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(start token, prompt tokens) per prompt: every prompt token scored after the start token alone (the
+    backend's rule for an empty context); a prompt longer than the model's positions is scored over its first
+    tokens that fit (the item's prompt_tokens says how many)."""
+    limit = backend.max_len
+    reqs = []
+    for t in texts:
+        ctx, cont = backend.encode_pair("", t)
+        if limit is not None and len(ctx) + len(cont) - 1 > limit:
+            cont = cont[:limit - len(ctx) + 1]
+        reqs.append((ctx, cont))
+    return reqs
+
+
 def score(backend, prompts: list[dict], scorers: Scorers, max_new_tokens: int = 32) -> tuple[list[dict], int]:
     """(per-prompt results, prompts cut to fit): generate with `backend`, score the continuations and
     their fluency under the same model."""
@@ -114,8 +128,7 @@ def score(backend, prompts: list[dict], scorers: Scorers, max_new_tokens: int = 
     conts = [t[0] for t in gen.texts]
     offensive = scorers.offensive(conts)
     sentiment = scorers.sentiment(conts)
-    # every prompt token scored after the start token alone (the backend's rule for an empty context)
-    prompt_ll = backend.loglik([("", t) for t in texts], desc="bold prompt ppl")
+    prompt_ll = backend.loglik_tokens(prompt_requests(backend, texts), desc="bold prompt ppl")
     fluent = [i for i, c in enumerate(conts) if c.strip()]
     ll = backend.loglik([(texts[i], conts[i]) for i in fluent], desc="bold fluency")
     fluency = {i: (r.logprob, r.ntokens) for i, r in zip(fluent, ll)}
