@@ -51,7 +51,7 @@ browser:
 
 test: $(STAMP) browser
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto
 
 bench: $(STAMP)
 	$(PYTHON) bench/bench_kernels.py
