@@ -176,13 +176,13 @@ def test_smollm2_wanda_24_exact_and_reloads(tmp_path):
     from lmsqueeze.data import calibration_batches
 
     model, tok = load_model("smollm2-135m", dtype="bf16")
-    ids = calibration_batches(tok, "pydoc", 4, 128, seed=0)
+    ids = calibration_batches(tok, "pydoc", 2, 64, seed=0)  # few tokens: bf16 GEMMs are slow on AVX2-only CPUs
     report = compress(model, WandaConfig(sparsity="2:4"), ids, measure_error=False)
     assert len(report.modules) == 30 * 7 and all(r.sparsity == 0.5 for r in report.modules)
     save_compressed(model, tok, tmp_path / "smol", report)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "smol", dtype=torch.bfloat16).eval()
     with torch.no_grad():
-        assert torch.equal(plain(input_ids=ids[:1, :64]).logits, model(input_ids=ids[:1, :64]).logits)
+        assert torch.equal(plain(input_ids=ids[:1, :32]).logits, model(input_ids=ids[:1, :32]).logits)
     for name, mod in plain.named_modules():
         if name.endswith("proj"):
             assert bool(((mod.weight != 0).reshape(mod.weight.shape[0], -1, 4).sum(-1) <= 2).all()), name
