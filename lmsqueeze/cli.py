@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from lmsqueeze.dtypes import resolve_dtype
 from lmsqueeze.errors import LmsqueezeError
 
 log = logging.getLogger("lmsqueeze")
@@ -20,13 +21,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # without bf16 units bf16 matmuls are emulated: a [2048, 576] x [576, 1536] linear, one thread, took
 # 1.18 s in bf16 against 0.21 s in fp32 on the AVX2 dev machine.
 DTYPES = ["auto", "fp32", "bf16", "fp16"]
-
-
-def resolve_dtype(dtype: str | None, device: str | None) -> str:
-    """--dtype auto (or None) -> bf16 when the work runs on CUDA, else fp32; other values unchanged."""
-    if dtype not in (None, "auto"):
-        return dtype
-    return "bf16" if str(device or "cpu").startswith("cuda") else "fp32"
 
 
 def set_threads(threads: int | None) -> None:

@@ -375,3 +375,10 @@ def test_tasks_without_a_suite_are_the_whole_evaluation():
     assert StudySpec(model="tiny-llama", methods="magnitude", sparsity="0.5").suite == "core"
     spec = StudySpec(model="tiny-llama", methods="magnitude", sparsity="0.5", tasks="ppl:pydoc")
     assert spec.suite is None and spec.eval_settings()["suite"] is None
+
+
+def test_study_spec_takes_the_cli_default_dtype():
+    """StudySpec from Python defaults as the CLI does: fp32 on CPU, bf16 on CUDA; an explicit dtype stays."""
+    assert StudySpec(model="tiny-llama", methods="magnitude", sparsity="0.5").dtype == "fp32"
+    assert StudySpec(model="tiny-llama", methods="magnitude", sparsity="0.5", device="cuda").dtype == "bf16"
+    assert StudySpec(model="tiny-llama", methods="magnitude", sparsity="0.5", dtype="bf16").dtype == "bf16"

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmsqueeze.dtypes import resolve_dtype
 from lmsqueeze.errors import LmsqueezeError
 
 DEFAULT_BITS = 4  # quantizers' bits when the study gives none
@@ -56,7 +57,7 @@ class StudySpec:
     max_new_tokens: int = 128
     safety_new_tokens: int = 32
     group_size: int | None = None
-    dtype: str = "bf16"
+    dtype: str = "auto"                 # auto: fp32 on CPU, bf16 on CUDA (dtypes.resolve_dtype), as the CLI
     device: str = "cpu"
     batch_size: int = 8
     data_dir: str | None = None
@@ -91,6 +92,7 @@ class StudySpec:
             raise LmsqueezeError(f"--layer-sparsity '{self.layer_sparsity}' is invalid; valid: uniform, owl")
         if self.suite is None and not self.tasks:
             object.__setattr__(self, "suite", "core")
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
         if self.limit is not None and self.limit < 1:
             raise LmsqueezeError(f"--limit must be >= 1, got {self.limit}")
 
