@@ -101,8 +101,13 @@ def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     are centred on zero = (maxq + 1) / 2; an all-zero row gets the range [-1, 1].
     """
     w = w.float()
-    xmin = w.min(dim=1).values.clamp(max=0)
-    xmax = w.max(dim=1).values.clamp(min=0)
+    scale, zero = grid_from_range(w.min(dim=1).values.clamp(max=0), w.max(dim=1).values.clamp(min=0), spec)
+    return scale[:, None], zero[:, None]
+
+
+def grid_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of the grid over [xmin, xmax] (fp32, any shape, xmin <= 0 <= xmax): symmetric grids take
+    the larger magnitude on both sides and centre zero at (maxq + 1) / 2; an empty range becomes [-1, 1]."""
     if spec.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
@@ -110,11 +115,8 @@ def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     xmin = torch.where(empty, -1.0, xmin)
     xmax = torch.where(empty, 1.0, xmax)
     scale = (xmax - xmin) / spec.maxq
-    if spec.sym:
-        zero = torch.full_like(scale, (spec.maxq + 1) / 2)
-    else:
-        zero = torch.round(-xmin / scale)
-    return scale[:, None], zero[:, None]
+    zero = torch.full_like(scale, (spec.maxq + 1) / 2) if spec.sym else torch.round(-xmin / scale)
+    return scale, zero
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:

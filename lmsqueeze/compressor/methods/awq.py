@@ -32,7 +32,7 @@ import torch
 from lmsqueeze.compressor.config import _check_quant, _Config
 from lmsqueeze.compressor.methods import LayerResult, register
 from lmsqueeze.errors import LmsqueezeError
-from lmsqueeze.kernels.obs import QuantGrid, QuantSpec, _one_thread
+from lmsqueeze.kernels.obs import QuantGrid, QuantSpec, _one_thread, grid_from_range
 
 
 @dataclass(frozen=True)
@@ -88,14 +88,7 @@ def group_quantize(W: torch.Tensor, spec: QuantSpec, shrink: torch.Tensor | None
     xmax = Wg.amax(-1).clamp(min=0)
     if shrink is not None:
         xmin, xmax = xmin * shrink, xmax * shrink
-    if spec.sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
-    empty = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(empty, -1.0, xmin)
-    xmax = torch.where(empty, 1.0, xmax)
-    scale = (xmax - xmin) / spec.maxq
-    zero = torch.full_like(scale, (spec.maxq + 1) / 2) if spec.sym else torch.round(-xmin / scale)
+    scale, zero = grid_from_range(xmin, xmax, spec)
     q = torch.clamp(torch.round(Wg / scale[..., None]) + zero[..., None], 0, spec.maxq)
     Wq = (scale[..., None] * (q - zero[..., None])).reshape(out, -1)[:, :cols]
     return Wq, q.reshape(out, -1)[:, :cols].to(torch.uint8), scale, zero
