@@ -114,8 +114,7 @@ def cmd_eval(args) -> int:
         raise LmsqueezeError("--log-samples writes samples_<task>.jsonl beside the report: give --output FILE.json")
     set_threads(args.threads)
     ddp.join(args.device, args.dist_timeout)  # under torchrun: every task's requests are shared out by rank
-    extra = {"bbq_norm": args.bbq_norm}
-    extra.update({k: v for k, v in vars(args).items() if k.startswith("judge") and v is not None})  # --judge*
+    extra = _task_options(args)
     report = evaluate(args.model, tasks=args.tasks, suite=args.suite, base=args.base, seqlen=args.eval_seqlen,
                       limit=args.limit, batch_tokens=args.batch_tokens, topk=args.topk,
                       max_new_tokens=args.max_new_tokens, safety_new_tokens=args.safety_new_tokens,
@@ -242,6 +241,7 @@ def cmd_study(args) -> int:
         fields["chat_template"] = False
     if args.skip_unavailable:
         fields["skip_unavailable"] = True
+    fields.update({k: v for k, v in vars(args).items() if k in _task_option_table() and v is not None})
     if not fields.get("model"):
         raise LmsqueezeError("a study needs --model (or model: in the --config file)")
     fields["dtype"] = resolve_dtype(fields.get("dtype"), fields.get("device"))  # the same default as eval/compress
@@ -339,6 +339,27 @@ def _eval_flags(s) -> None:
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def _task_option_table():
+    from lmsqueeze.evaluation.options import TASK_OPTIONS
+
+    return TASK_OPTIONS
+
+
+def _task_flags(s) -> None:
+    """The task options (judge, toxicity, BBQ) as flags: one table, `evaluation.options.TASK_OPTIONS`."""
+    for opt in _task_option_table().values():
+        # taken as text and checked by check_task_options: one message naming the option and its valid range
+        s.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.rpartition("_")[2].upper(),
+                       help=opt.help)
+
+
+def _task_options(args) -> dict:
+    """evaluate()'s extra from the parsed task-option flags, validated."""
+    from lmsqueeze.evaluation.options import check_task_options
+
+    return check_task_options({k: getattr(args, k) for k in _task_option_table()})
+
+
 _DTYPE_HELP = "model dtype; auto (the default): fp32 on CPU, bf16 on CUDA, for eval, compress and study alike"
 
 EVAL_DEFAULTS = {"eval_seqlen": 512, "batch_tokens": 4096, "topk": 64, "max_new_tokens": 128,
@@ -396,21 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     s.add_argument("--data-dir", default=None, help="directory holding the data sets")
     s.add_argument("--no-cache", action="store_true", help="recompute the base model's outputs even if cached")
-    s.add_argument("--bbq-norm", default="char", choices=["char", "token", "sum"],
-                   help="BBQ: how option log-likelihoods are normalised (default char)")
-    s.add_argument("--judge", default=None, help="pairwise judge of instruct:FILE answers against the base's: a "
-                   "local model (builtin, directory or hub id); small models judge poorly, give a strong one")
-    s.add_argument("--judge-url", default=None, help="the judge as an OpenAI-compatible chat-completions endpoint, "
-                   "e.g. http://127.0.0.1:8000/v1 (python -m lmsqueeze.evaluation.serve serves a local model)")
-    s.add_argument("--judge-model", default=None, help="model name sent to --judge-url (default 'default')")
-    s.add_argument("--judge-key-env", default=None,
-                   help="environment variable holding the --judge-url API key (default OPENAI_API_KEY)")
-    s.add_argument("--judge-retries", type=int, default=None, help="retries of a failed judge request (default 3)")
-    s.add_argument("--judge-budget", type=int, default=None,
-                   help="at most this many judge requests per run; cached judgments are free (default: no limit)")
-    s.add_argument("--judge-cache", default=None, help="judgment cache directory (default LMSQUEEZE_CACHE/judge)")
-    s.add_argument("--judge-max-tokens", type=int, default=None,
-                   help="tokens a judge may write per verdict (default 64 local, 256 endpoint)")
+    _task_flags(s)
     s.add_argument("--output", default=None, help="write the full report (per-item results) as JSON here")
     s.add_argument("--dist-timeout", type=float, default=None,
                    help="under torchrun: seconds a rank waits for the others before giving up "
@@ -453,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default=None, choices=["compressed-tensors", "gptq", "dense", "sparse24"],
                    help="checkpoint format: compressed-tensors (pack-quantized, vLLM/transformers), gptq (qweight/"
                         "qzeros/scales/g_idx), dense (floats with exact zeros, any tool), sparse24 (packed 2:4 "
-                        "values + metadata, lmsqueeze.compressor.formats.load_packed_sparse24); default: "
+                        "values + metadata, lmsqueeze.compressor.packed.load_packed); default: "
                         "compressed-tensors for gptq/rtn/sparsegpt --bits, dense otherwise")
     s.add_argument("--dist-timeout", type=float, default=None,
                    help="under torchrun: seconds a rank waits for the others before giving up "
@@ -495,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     s.add_argument("--batch-size", type=int, default=None, help="calibration windows per forward (default 8)")
     s.add_argument("--data-dir", default=None, help="directory holding the data sets")
+    _task_flags(s)
     s.add_argument("--keep-models", action="store_true", help="save each compressed checkpoint under DIR/models/")
     s.add_argument("--no-dense", action="store_true", help="leave out the dense (base model) row")
     s.add_argument("--no-plots", action="store_true", help="write report.md without the PNG plots")

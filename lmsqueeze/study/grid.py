@@ -67,6 +67,22 @@ class StudySpec:
     chat_template: bool = True
     resamples: int = 1000
     skip_unavailable: bool = False
+    # task options (evaluation/options.py: flags --judge, --toxicity-k, --bbq-shots, ...); None: the task's default
+    judge: str | None = None
+    judge_url: str | None = None
+    judge_model: str | None = None
+    judge_key_env: str | None = None
+    judge_retries: int | None = None
+    judge_budget: int | None = None
+    judge_cache: str | None = None
+    judge_max_tokens: int | None = None
+    toxicity_k: int | None = None
+    toxicity_temperature: float | None = None
+    toxicity_top_p: float | None = None
+    toxicity_scorer: str | None = None
+    toxicity_label: str | None = None
+    bbq_shots: int | None = None
+    bbq_norm: str | None = None
 
     def __post_init__(self):
         for name in ("methods", "sparsity", "bits", "calib", "tasks"):
@@ -95,10 +111,21 @@ class StudySpec:
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
         if self.limit is not None and self.limit < 1:
             raise LmsqueezeError(f"--limit must be >= 1, got {self.limit}")
+        for name, value in self.task_options().items():  # validated and converted (a YAML "5" becomes 5)
+            object.__setattr__(self, name, value)
+
+    def task_options(self) -> dict:
+        """The task options given (judge, toxicity, BBQ; `evaluation.options`), validated: evaluate()'s extra."""
+        from lmsqueeze.evaluation.options import TASK_OPTIONS, check_task_options
+
+        return check_task_options({k: getattr(self, k) for k in TASK_OPTIONS})
 
     def eval_settings(self) -> dict:
-        """What the evaluation of every cell depends on (part of each cell's identity)."""
-        return {"suite": self.suite, "tasks": list(self.tasks), "limit": self.limit, "seqlen": self.eval_seqlen,
+        """What the evaluation of every cell depends on (part of each cell's identity). Task options join only
+        when given, so the keys of studies without them stay what they were."""
+        from lmsqueeze.evaluation.options import identity_options
+
+        return {**identity_options(self.task_options()), "suite": self.suite, "tasks": list(self.tasks), "limit": self.limit, "seqlen": self.eval_seqlen,
                 "batch_tokens": self.batch_tokens, "topk": self.topk, "max_new_tokens": self.max_new_tokens,
                 "safety_new_tokens": self.safety_new_tokens, "seed": self.seed, "dtype": self.dtype,
                 "chat_template": self.chat_template, "resamples": self.resamples}

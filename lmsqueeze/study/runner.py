@@ -155,7 +155,7 @@ def _eval_kwargs(spec: StudySpec) -> dict:
                 max_new_tokens=spec.max_new_tokens, safety_new_tokens=spec.safety_new_tokens,
                 data_dir=spec.data_dir, dtype=spec.dtype, device=spec.device, cache_dir=spec.cache_dir,
                 seed=spec.seed, chat_template=spec.chat_template, resamples=spec.resamples,
-                skip_unavailable=spec.skip_unavailable)
+                skip_unavailable=spec.skip_unavailable, extra=spec.task_options())
 
 
 def _check_tasks(spec: StudySpec) -> list[str]:
@@ -163,7 +163,8 @@ def _check_tasks(spec: StudySpec) -> list[str]:
     from lmsqueeze.evaluation.api import load_tasks
     from lmsqueeze.evaluation.task import EvalOptions, task_names
 
-    opts = EvalOptions(seqlen=spec.eval_seqlen, limit=spec.limit, data_dir=spec.data_dir, seed=spec.seed)
+    opts = EvalOptions(seqlen=spec.eval_seqlen, limit=spec.limit, data_dir=spec.data_dir, seed=spec.seed,
+                       extra=spec.task_options())  # a bad judge or toxicity setting fails here too
     load_tasks(list(spec.tasks), opts, spec.suite, True, spec.skip_unavailable)
     return task_names(list(spec.tasks), spec.suite, True)
 
@@ -177,7 +178,7 @@ def prepare_base(spec: StudySpec, tasks: list[str]) -> dict:
     opts = EvalOptions(seqlen=kw["seqlen"], limit=kw["limit"], batch_tokens=kw["batch_tokens"], topk=kw["topk"],
                        max_new_tokens=kw["max_new_tokens"], safety_new_tokens=kw["safety_new_tokens"],
                        data_dir=kw["data_dir"], seed=kw["seed"], chat_template=kw["chat_template"],
-                       resamples=kw["resamples"])
+                       resamples=kw["resamples"], extra=kw["extra"])
     task_list, _ = load_tasks(tasks, opts, None, True, spec.skip_unavailable)
     tok = _load_tokenizer(spec.model)
     _, info = base_side(task_list, tok, spec.model, None, spec.model, spec.model, spec.dtype, spec.device,

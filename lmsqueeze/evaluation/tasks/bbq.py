@@ -229,7 +229,7 @@ class BBQTask(Task):
     """BBQ on the categories present in the data directory (and DIR); items drawn stratified and seeded."""
     suite_arg = "bbq"
     order = 50
-    option_keys = ("limit", "seed", "extra")
+    option_keys = ("limit", "seed")  # norm and shots are in the fingerprint (the prompts); other options not
     headline = (Headline("accuracy", "BBQ acc", ".3f", "higher"),
                 Headline("s_amb", "BBQ bias (amb.)", ".3f", "closer to base"))
     groups = ("by_category", "accuracy")
