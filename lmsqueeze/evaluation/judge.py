@@ -13,7 +13,9 @@ Protocol (per item: an instruction, the base's answer, the compressed model's an
 Reported: `win_rate` = the mean item score (ties count half; 0.5 = no difference) with a percentile
 bootstrap interval over items; `tie_rate` and `consistency` (share of items whose two orders give the
 same outcome for the compressed model), Wilson intervals; `position_a_rate`, the share of decisive
-judgments (not ties) that picked Response A, with its Wilson interval: 0.5 means no position bias.
+judgments (not ties) that picked Response A, with its Wilson interval: 0.5 means no position bias;
+`unparsed_rate`, the share of the judge's replies that named no verdict (Wilson): a high one means the
+judge does not follow the prompt and its win rate rests on few judgments.
 
 Judges: a local Hugging Face model through the engine (`LocalJudge`: any model name `models.load_model`
 takes, its chat template applied) or an OpenAI-compatible chat-completions endpoint (`EndpointJudge`,
@@ -56,33 +58,60 @@ Give a one-sentence reason, then your verdict on the last line, exactly one of: 
 [[B]] (B is better), [[tie]]."""
 
 VERDICTS = ("A", "B", "tie")
+# Parsing, strict to lenient; the first rule that finds a verdict decides. A letter verdict must be a
+# capital A or B unless a label word precedes it, so "I prefer a short answer" names no verdict.
+_MARKUP = re.compile(r"\*\*|__|[*`#]")  # bold, italics, code and heading marks around a verdict
 _BRACKETED = re.compile(r"\[\[\s*(a|b|tie)\s*\]\]", re.I)
-# label words in any case; the verdict letter in capitals (or "tie"), so "I prefer a short answer" is no verdict
-_LABELLED = re.compile(r"(?i:verdict|answer|winner|better (?:response|answer) is|better one is|prefer)\s*(?i:is)?"
-                       r"\s*[:\-]?\s*\**\s*\[?\s*(?i:response\s*|assistant\s*)?\(?(A|B|[Tt]ie)\)?\b")
-_BARE = re.compile(r"^\W*(?:response|assistant|option)?\s*\(?(a|b|tie|equal|both)\)?\W*$", re.I)
+_SINGLE = re.compile(r"\[\s*(A|B|[Tt]ie)\s*\]")
+_LABEL = r"(?i:response|assistant|answer|option|output)\s*"
+_LABELLED = re.compile(r"(?i:verdict|answer|winner|choice|better (?:response|answer) is|better one is|prefer|pick"
+                       r"|choose)\s*(?i:is)?\s*[:\-=]?\s*\[?\s*(?:" + _LABEL + r")?\(?(A|B|[Tt]ie)\)?\b")
+_IS_BETTER = re.compile(r"(?:\b" + _LABEL + r"\(?([AB])\)?|(?<![\w'])([AB])\)?)\s+(?i:is|was|seems)\s+"
+                        r"(?i:clearly\s+|slightly\s+|much\s+)?(?i:the\s+)?(?i:better|superior|preferred|stronger"
+                        r"|more (?:helpful|accurate|correct|complete|relevant)|winner)"
+                        r"|(?:\b" + _LABEL + r"\(?([AB])\)?|(?<![\w'])([AB])\)?)\s+(?i:wins)\b")
+_TIE_PHRASE = re.compile(r"\b(?:it(?:'s| is) a tie|(?:a|the) tie\b|equally (?:good|bad|helpful|poor|correct|"
+                         r"wrong|(?:in)?accurate|(?:un)?helpful)|neither (?:response |one )?is better|"
+                         r"(?:are|is) (?:of )?(?:the )?(?:same|equal) (?:quality|value))", re.I)
+_BARE = re.compile(r"^\W*(?:final\s+)?(?:verdict|answer)?\W*(?:response|assistant|option|output)?\s*\(?"
+                   r"(a|b|tie|equal|both)\)?\W*$", re.I)
 _TIE_WORDS = {"tie", "equal", "both"}
+
+
+def _norm(v: str) -> str:
+    v = v.lower()
+    return "tie" if v in _TIE_WORDS else v.upper()
 
 
 def parse_verdict(reply: str) -> str | None:
     """'A', 'B' or 'tie' from a judge's reply; None when it names no verdict (or names A and B alike).
 
-    In order: the last bracketed verdict ([[A]], [[ b ]], [[Tie]]); the last labelled one ("Verdict: B",
-    "The better response is A"); a reply or last line that is only a verdict ("A", "Response B.", "tie");
-    a reply that mentions exactly one of "Response A" / "Response B"."""
-    text = reply or ""
-    found = _BRACKETED.findall(text)
-    if not found:
-        found = _LABELLED.findall(text)
-    if found:
-        v = found[-1].lower()
-        return "tie" if v in _TIE_WORDS else v.upper()
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    for candidate in ([text.strip()] + lines[-1:] + lines[:1]) if lines else []:
-        m = _BARE.match(candidate.strip())
+    Markdown marks (**A**, `B`, ## Verdict) are dropped first. Then, the first rule that finds one decides:
+    1. the last double-bracketed verdict: [[A]], [[ b ]], [[Tie]] (what JUDGE_PROMPT asks for);
+    2. the last single-bracketed one: [A], [tie];
+    3. the last labelled one: "Verdict: B", "Answer: A", "The better response is A", "I prefer Response B";
+    4. the reply, its last line or its first line being only a verdict: "A", "Response B.", "(a)", "tie";
+    5. "A is better", "Response B is more helpful", "Assistant A wins", or a tie phrase ("equally good",
+       "it's a tie", "neither response is better"), when these all agree;
+    6. a reply that mentions exactly one of "Response A" / "Response B".
+    A reply none of these match is unparsed: `judge_answers` counts it (`unparsed_rate`), never guesses."""
+    text = _MARKUP.sub("", reply or "")
+    for rule in (_BRACKETED, _SINGLE, _LABELLED):
+        found = rule.findall(text)
+        if found:
+            return _norm(found[-1])
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for candidate in [text.strip()] + lines[-1:] + lines[:1]:
+        m = _BARE.match(candidate)
         if m:
-            v = m.group(1).lower()
-            return "tie" if v in _TIE_WORDS else v.upper()
+            return _norm(m.group(1))
+    named = {_norm(next(g for g in m.groups() if g)) for m in _IS_BETTER.finditer(text)}
+    if _TIE_PHRASE.search(text):
+        named.add("tie")
+    if len(named) == 1:
+        return named.pop()
+    if named:
+        return None  # "A is better ... B is better": no single verdict
     low = text.lower()
     a, b = "response a" in low, "response b" in low
     if a != b:
@@ -149,7 +178,11 @@ def summarize(judged: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
     if first_pick:
         k, n = int(sum(first_pick)), len(first_pick)
         metrics["position_a_rate"] = {"value": k / n, "ci": wilson(k, n), "n": n, "interval": "wilson"}
-    counts = {"items": len(judged), "identical_answers": identical, "unparsed_replies": unparsed,
+    replies = sum(len(j["verdicts"]) for j in judged if not j["identical"])
+    if replies:  # the share of the judge's replies that named no verdict: counted, never guessed
+        metrics["unparsed_rate"] = {"value": unparsed / replies, "ci": wilson(unparsed, replies), "n": replies,
+                                    "interval": "wilson"}
+    counts = {"items": len(judged), "identical_answers": identical, "replies": replies, "unparsed_replies": unparsed,
               "items_without_verdict": no_verdict, "items_scored": len(scores)}
     return {"metrics": metrics, "counts": counts}
 

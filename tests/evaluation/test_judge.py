@@ -33,6 +33,16 @@ from lmsqueeze.evaluation.judge import (
     ("I prefer a response that is short.", None),
     ("Verdict: Response B", "B"),
     ("", None),
+    # lenient fallbacks, with the markup and phrasings small and chat-tuned judges write
+    ("A", "A"), ("a", "A"), ("(b)", "B"), ("Answer: B", "B"), ("answer: a", "A"),
+    ("**A**", "A"), ("`B`", "B"), ("**Verdict:** **B**", "B"), ("Final verdict: **[[A]]**", "A"),
+    ("## Verdict\nA", "A"), ("[B]", "B"), ("[tie]", "tie"), ("Tie", "tie"), ("It's a tie.", "tie"),
+    ("Both responses are equally good.", "tie"), ("Neither response is better.", "tie"),
+    ("Response A is better because it is correct.", "A"), ("I think response a is more helpful", "A"),
+    ("Assistant B wins.", "B"), ("B is clearly better.", "B"),
+    # contradictions and look-alikes are not verdicts
+    ("A is better. No wait, B is better.", None), ("B is better, though they are equally good.", None),
+    ("Plan A is a good idea.", None), ("The answer is a list of items.", None), ("This is a better answer.", None),
 ])
 def test_parse_verdict(reply, want):
     assert parse_verdict(reply) == want
@@ -62,8 +72,10 @@ def test_win_rate_both_orders_and_ties_by_hand():
     assert m["judge_consistency"]["value"] == pytest.approx(2 / 4)
     # decisive judgments: B, A, A, A, B, A -> 4 of 6 picked position A
     assert m["position_a_rate"]["value"] == pytest.approx(4 / 6) and m["position_a_rate"]["n"] == 6
-    assert c == {"items": 6, "identical_answers": 1, "unparsed_replies": 3, "items_without_verdict": 1,
-                 "items_scored": 5}
+    assert c == {"items": 6, "identical_answers": 1, "replies": 10, "unparsed_replies": 3,
+                 "items_without_verdict": 1, "items_scored": 5}
+    # 3 of the 10 replies (5 non-identical items x 2 orders) named no verdict: counted, not guessed
+    assert m["unparsed_rate"]["value"] == pytest.approx(3 / 10) and m["unparsed_rate"]["n"] == 10
 
 
 class _Scripted(Judge):
