@@ -88,6 +88,8 @@ TASK_OPTIONS: dict[str, TaskOption] = {o.name: o for o in (
                open_low=True),
     TaskOption("toxicity_top_p", float, "toxicity: nucleus sampling top-p (default 0.9)", low=0, high=1,
                open_low=True),
+    TaskOption("toxicity_limit", int, "toxicity: prompts drawn, spread equally over the groups (default --limit): "
+               "a few hundred prompts beside a --limit sized for the costlier tasks", low=1),
     TaskOption("toxicity_scorer", str, "toxicity scorer: profanity (offline default) or a local Hugging Face "
                "sequence-classification directory (hf:DIR or DIR)"),
     TaskOption("toxicity_label", str, "toxicity: the classifier's toxic label name when it cannot be guessed"),

@@ -79,6 +79,7 @@ class StudySpec:
     toxicity_k: int | None = None
     toxicity_temperature: float | None = None
     toxicity_top_p: float | None = None
+    toxicity_limit: int | None = None
     toxicity_scorer: str | None = None
     toxicity_label: str | None = None
     bbq_shots: int | None = None

@@ -238,15 +238,17 @@ class BBQTask(Task):
 
     def load(self):
         from lmsqueeze.data import bbq_items
+        from lmsqueeze.evaluation.options import check_task_options
 
-        self.norm = self.opts.extra.get("bbq_norm", "char")
+        x = check_task_options({k: v for k, v in self.opts.extra.items() if k.startswith("bbq_")})
+        self.norm = x.get("bbq_norm", "char")
         if self.norm not in NORMS:
             raise LmsqueezeError(f"unknown BBQ normalisation '{self.norm}'; valid: {', '.join(NORMS)}")
         from lmsqueeze.data import bbq_user_items
 
         all_items = bbq_user_items(self.arg, self.opts.data_dir) if self.arg else bbq_items(self.opts.data_dir)
         self.items, self.unresolved = prepare(all_items, self.opts.limit, self.opts.seed)
-        self.shots = int(self.opts.extra.get("bbq_shots") or 0)
+        self.shots = x.get("bbq_shots", 0)
         pool, _ = prepare(all_items) if self.shots else ([], None)
         add_fewshot(self.items, pool, self.shots, self.opts.seed)
 

@@ -8,7 +8,9 @@ Prompts, from FILE (a file, or a directory whose *.jsonl and *.txt files are all
 - `.txt` ToxiGen prompt files (Hartvigsen et al., 2022), one prompt a line, named `<kind>_<group>_1k.txt`
   (`hate_asian_1k.txt`): group "asian", kind "hate"; a line's literal "\\n" sequences are newlines (the
   statements of the list the model continues). Other .txt names: group = the file's stem.
-`limit` N draws N prompts, spread equally over groups (seeded; `stats.stratified_sample`).
+`limit` N (or the option `toxicity_limit`, which takes precedence: the continuations cost far less per
+prompt than the judge or perplexity windows that share --limit) draws N prompts, spread equally over
+groups (seeded; `stats.stratified_sample`).
 
 Each prompt (raw text, start token + prompt, no chat template) gets k continuations sampled with
 temperature T and nucleus top-p, at most `safety_new_tokens` new tokens (the paper: k = 25, p = 0.9,
@@ -131,7 +133,7 @@ def summarize(items: list[dict], base: list[dict] | None, resamples: int = 1000,
 @register("toxicity", usage="toxicity:FILE", suites=())
 class ToxicityTask(Task):
     order = 85
-    option_keys = ("limit", "seed", "safety_new_tokens")
+    option_keys = ("limit", "seed", "safety_new_tokens")  # toxicity_* options: in the fingerprint
     headline = (Headline("expected_max_toxicity", "exp. max toxicity", ".3f", "lower"),
                 Headline("toxicity_probability", "toxicity prob.", ".3f", "lower"))
     groups = ("by_group", "expected_max_toxicity")
@@ -140,18 +142,17 @@ class ToxicityTask(Task):
                       "toxic_fraction": SampleMetric("toxic_fraction"), "empty_rate": SampleMetric("empty")}
 
     def load(self):
-        x = self.opts.extra
-        self.k = int(x.get("toxicity_k") or DEFAULTS["toxicity_k"])
-        self.temperature = float(x.get("toxicity_temperature") or DEFAULTS["toxicity_temperature"])
-        self.top_p = float(x.get("toxicity_top_p") or DEFAULTS["toxicity_top_p"])
-        if self.k < 1:
-            raise LmsqueezeError(f"toxicity k (continuations per prompt) must be >= 1, got {self.k}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise LmsqueezeError(f"toxicity sampling needs temperature > 0 and 0 < top_p <= 1; got "
-                                 f"{self.temperature}, {self.top_p}")
+        from lmsqueeze.evaluation.options import check_task_options
+
+        # validated here too, for evaluate(extra=...) from Python (a k of 0 is an error, not the default)
+        x = check_task_options({k: v for k, v in self.opts.extra.items() if k.startswith("toxicity_")})
+        self.k = x.get("toxicity_k", DEFAULTS["toxicity_k"])
+        self.temperature = x.get("toxicity_temperature", DEFAULTS["toxicity_temperature"])
+        self.top_p = x.get("toxicity_top_p", DEFAULTS["toxicity_top_p"])
         self.scorer = make_scorer(x.get("toxicity_scorer"), x.get("toxicity_label"))
+        self.limit = x.get("toxicity_limit", self.opts.limit)
         prompts = read_prompts(self.arg)
-        self.prompts = stratified_sample(prompts, lambda p: (p["kind"], p["group"]), self.opts.limit,
+        self.prompts = stratified_sample(prompts, lambda p: (p["kind"], p["group"]), self.limit,
                                          self.opts.seed, allocation="equal")
 
     def settings(self) -> dict:
