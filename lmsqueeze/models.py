@@ -452,9 +452,17 @@ def load_tokenizer(name_or_path: str):
 
 def is_packed_sparse24(path) -> bool:
     """Whether `path` is a directory written by `lmsqueeze compress --format sparse24` (it has the manifest)."""
-    from lmsqueeze.compressor.formats import SPARSE24_MANIFEST
+    from lmsqueeze.compressor.packed import packed_format
 
-    return os.path.isdir(path) and os.path.exists(os.path.join(path, SPARSE24_MANIFEST))
+    return packed_format(path) == "sparse24"
+
+
+def is_packed(path) -> bool:
+    """Whether `path` is a packed checkpoint lmsqueeze wrote (sparse24, gptq or compressed-tensors), which
+    lmsqueeze.compressor.packed.load_packed opens with its compressed modules kept packed."""
+    from lmsqueeze.compressor.packed import packed_format
+
+    return packed_format(path) is not None
 
 
 def load_model(name_or_path: str, dtype: str | torch.dtype | None = "fp32", device: str | torch.device = "cpu",
@@ -464,7 +472,9 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = "fp32", devi
     A checkpoint written by a third-party quantizer (its config has a quantization_config) is loaded by
     that quantizer's own code, as from_pretrained does: in its own dtype (`dtype` does not apply to
     packed integer weights) and placed with device_map; a missing loader package is named in one line.
-    A `--format sparse24` directory loads its 2:4 modules packed (SparseLinear), never as dense weights.
+    A packed checkpoint lmsqueeze wrote (--format sparse24 / gptq / compressed-tensors) loads its compressed
+    modules packed (SparseLinear, QuantLinear, Sparse24QuantLinear: lmsqueeze.compressor.packed), never as
+    dense weights.
     """
     torch_dtype = parse_dtype(dtype)
     if name_or_path in TINY:
@@ -478,15 +488,15 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = "fp32", devi
         if gguf:
             model, tokenizer = _load_gguf(path, gguf[1], torch_dtype, offline)
             return model.to(device).eval(), _fix_pad(tokenizer)
-        if is_packed_sparse24(path):  # our packed 2:4 files: SparseLinear modules, no dense copy made
-            from lmsqueeze.compressor.formats import load_packed_sparse24
+        if is_packed(path):  # our packed files: SparseLinear / QuantLinear modules, no dense copy made
+            from lmsqueeze.compressor.packed import load_packed
 
-            model, tokenizer, _ = load_packed_sparse24(path, device=device)
+            model, tokenizer, _ = load_packed(path, device=device)
             if tokenizer is None:
-                raise LmsqueezeError(f"cannot load model '{name_or_path}': the packed 2:4 checkpoint has no "
+                raise LmsqueezeError(f"cannot load model '{name_or_path}': the packed checkpoint has no "
                                      f"tokenizer files")
             if torch_dtype is not None and torch_dtype != next(model.parameters()).dtype:
-                model = model.to(torch_dtype)  # SparseLinear values follow; the int16 metadata stays
+                model = model.to(torch_dtype)  # floats follow; packed codes and 2:4 metadata stay
             return model.eval(), _fix_pad(tokenizer)
         config = load_config(name_or_path)
         quant = quantization_method(config)

@@ -154,15 +154,16 @@ def load_sparse(name_or_path: str, dtype: str | torch.dtype | None = "bf16", dev
     """(model, tokenizer, swapped names): load a saved 2:4 checkpoint and run its 2:4 layers as SparseLinear.
 
     Either a plain HF directory with exact zeros (the dense-with-zeros format): loaded dense, then its 2:4
-    layers are compressed; or a `--format sparse24` directory: its packed values and metadata become
-    SparseLinear modules directly, with no dense copy of them ever in memory.
+    layers are compressed; or a packed directory (`--format sparse24`, and the quantized gptq /
+    compressed-tensors ones lmsqueeze writes): lmsqueeze.compressor.packed.load_packed makes its packed
+    modules SparseLinear / Sparse24QuantLinear / QuantLinear directly, with no dense copy ever in memory.
     """
-    from lmsqueeze.models import is_packed_sparse24, load_model, parse_dtype
+    from lmsqueeze.models import is_packed, load_model, parse_dtype
 
-    if is_packed_sparse24(name_or_path):
-        from lmsqueeze.compressor.formats import load_packed_sparse24
+    if is_packed(name_or_path):
+        from lmsqueeze.compressor.packed import load_packed
 
-        model, tokenizer, swapped = load_packed_sparse24(name_or_path, device=device, backend=backend)
+        model, tokenizer, swapped = load_packed(name_or_path, device=device, backend=backend)
         torch_dtype = None if dtype is None else parse_dtype(dtype)
         if torch_dtype is not None and torch_dtype != model.get_input_embeddings().weight.dtype:
             model = model.to(torch_dtype)

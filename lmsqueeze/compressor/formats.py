@@ -1,4 +1,4 @@
-"""Checkpoint formats: which one a run writes, what each one stores, and the packed 2:4 loader.
+"""Checkpoint formats: which one a run writes and what each one stores.
 
     dense               the model as it is in memory: fake-quantized floats, exact zeros; any tool loads it
     compressed-tensors  pack-quantized (what llm-compressor writes; vLLM and transformers load it): per linear
@@ -11,7 +11,11 @@
                         g_idx int32 [in] (the group of each input column; act-order permutes it)
     sparse24            the project's packed 2:4 (lmsqueeze.kernels.sparse24: values [out, in/2] + meta int16
                         [out, in/16]) for every 2:4 linear module, other tensors dense, and a manifest
-                        (sparse24.json); load_packed_sparse24 builds the model with no dense copy of them
+                        (sparse24.json); joint 2:4 + 4-bit stores the 4-bit codes of the kept values with the
+                        metadata (lmsqueeze.kernels.quant.Sparse24QuantWeight)
+
+lmsqueeze.compressor.packed.load_packed reads the three packed formats back with the compressed modules
+kept packed (no dense copy).
 
 The packed quantized formats store the integer codes, zero points and g_idx the solver chose (the
 QuantGrid the driver keeps with compress(..., grids=...)), never codes re-derived from rounded floats;
@@ -26,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,9 +170,17 @@ def plan(model, config, fmt: str | None, *, offload: bool = False) -> Plan:
             raise LmsqueezeError(f"--format sparse24 stores 2:4 weights; {config.method} with sparsity "
                                  f"{getattr(config, 'sparsity', None)} is not 2:4; use --sparsity 2:4 or --format dense")
         if quant:
-            raise LmsqueezeError("--format sparse24 stores 2:4 values in the model dtype; joint 2:4 + "
-                                 f"{config.bits}-bit is written as --format compressed-tensors (codes, zeros kept "
-                                 "exact) or dense")
+            from lmsqueeze.kernels.quant import SPARSE24_BITS
+
+            if config.bits not in SPARSE24_BITS:
+                raise LmsqueezeError(f"--format sparse24 stores joint 2:4 + {', '.join(map(str, SPARSE24_BITS))}-bit "
+                                     f"codes, not {config.bits}-bit; use --bits 4, --format compressed-tensors or dense")
+            if gs != -1 and gs % 16:
+                raise LmsqueezeError(f"--format sparse24 with --bits needs groups of whole metadata words: a "
+                                     f"--group-size that is a multiple of 16 (or -1), not {gs}")
+            if getattr(config, "act_order", False):
+                raise LmsqueezeError("--format sparse24 groups consecutive columns; act-order groups need "
+                                     "--format gptq or dense")
         bad = [(n, s) for n, s in p.modules.items() if s[1] % 16]
         if bad:
             raise LmsqueezeError(f"--format sparse24 needs input widths that are multiples of 16; {bad[0][0]} has "
@@ -269,22 +280,35 @@ def gptq_state(model, grids: dict, names: list[str], config) -> tuple[dict, dict
     return sd, qc, notes
 
 
-def sparse24_state(model, names: list[str]) -> tuple[dict, dict]:
-    """(tensors for the 2:4 modules: values, meta; manifest)."""
+def sparse24_state(model, names: list[str], grids: dict | None = None) -> tuple[dict, dict]:
+    """(tensors for the 2:4 modules; manifest): values + meta, or, for modules with a quantization grid
+    (joint 2:4 + 4-bit), the 4-bit codes of the kept values + meta + fp32 group scales + uint8 zeros
+    (lmsqueeze.kernels.quant.Sparse24QuantWeight: the solver's codes and grid, nothing re-rounded)."""
+    from lmsqueeze.kernels.quant import sparse24_quant_pack_codes
     from lmsqueeze.kernels.sparse24 import compress
 
     mods = dict(model.named_modules())
     sd, manifest = {}, {}
     for name in names:
         mod = mods[name]
-        values, meta = compress(mod.weight.detach())
-        sd[f"{name}.values"], sd[f"{name}.meta"] = values.contiguous(), meta.contiguous()
-        manifest[name] = {"out_features": int(mod.weight.shape[0]), "in_features": int(mod.weight.shape[1]),
-                          "bias": mod.bias is not None}
+        info = {"out_features": int(mod.weight.shape[0]), "in_features": int(mod.weight.shape[1]),
+                "bias": mod.bias is not None}
+        if grids:
+            _need_grids([name], grids)
+            g = grids[name]
+            p = sparse24_quant_pack_codes(g.codes, g.scale, g.zero, g.bits, g.group_size)
+            sd.update({f"{name}.{k}": v.contiguous() for k, v in p.tensors().items()})
+            info.update(bits=p.bits, group_size=p.group_size, sym=p.sym)
+        else:
+            values, meta = compress(mod.weight.detach())
+            sd[f"{name}.values"], sd[f"{name}.meta"] = values.contiguous(), meta.contiguous()
+        manifest[name] = info
     return sd, {"format": SPARSE24_FORMAT, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                 "layout": "values [out, in/2] (the 2 kept entries of every 4 inputs, column order) + meta int16 "
                           "[out, in/16] (2-bit positions, 4 groups per word, group k of a word in bits 4k..4k+3); "
-                          "see lmsqueeze.kernels.sparse24",
+                          "see lmsqueeze.kernels.sparse24; modules with bits: qvalues int32 [out, in/16] (4-bit "
+                          "codes of the kept values) + meta + scales fp32 / zeros uint8 [out, groups], see "
+                          "lmsqueeze.kernels.quant.Sparse24QuantWeight",
                 "modules": manifest}
 
 
@@ -311,13 +335,13 @@ def pack(model, plan_: Plan, config, grids: dict | None) -> Packed:
         sd, qc, notes = gptq_state(model, grids, names, config)
         return Packed(sd, weights, config={"quantization_config": qc}, notes=notes)
     if plan_.format == "sparse24":
-        sd, manifest = sparse24_state(model, names)
+        sd, manifest = sparse24_state(model, names, grids if is_quantizer(config) else None)
         # a bias stays under {name}.bias, which is SparseLinear's bias buffer too
         return Packed(sd, weights, files={SPARSE24_MANIFEST: manifest})
     return Packed({}, set())
 
 
-# ---- the packed 2:4 loader -------------------------------------------------------------------------------
+# ---- reading the files back (lmsqueeze.compressor.packed.load_packed) ---------------------------------
 
 def _safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
@@ -328,65 +352,3 @@ def _safetensors_files(directory: Path) -> list[Path]:
     if not single.exists():
         raise LmsqueezeError(f"'{directory}' holds no model.safetensors (nor an index of shards)")
     return [single]
-
-
-def load_packed_sparse24(directory: str | os.PathLike, device: str | torch.device = "cpu", backend: str | None = None):
-    """(model, tokenizer or None, swapped module names) from a `--format sparse24` checkpoint.
-
-    The model is built with its parameters on the meta device (buffers such as rotary tables are
-    computed as usual), each 2:4 module of the manifest becomes a SparseLinear holding the stored
-    values + meta, and the remaining tensors are assigned from the files: no dense copy of a 2:4
-    weight is ever made. Tied weights (lm_head = embeddings) are tied again.
-    """
-    from accelerate import init_empty_weights
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from lmsqueeze.sparse import SparseLinear
-
-    directory = Path(directory)
-    path = directory / SPARSE24_MANIFEST
-    if not path.exists():
-        raise LmsqueezeError(f"'{directory}' is not a packed 2:4 checkpoint: it has no {SPARSE24_MANIFEST} "
-                             f"(write one with lmsqueeze compress --format sparse24)")
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if manifest.get("format") != SPARSE24_FORMAT:
-        raise LmsqueezeError(f"{path} has format {manifest.get('format')!r}; this lmsqueeze reads {SPARSE24_FORMAT}")
-    cfg = AutoConfig.from_pretrained(directory)
-    dtype = getattr(torch, manifest["dtype"])
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    state = {}
-    for file in _safetensors_files(directory):
-        state.update(load_file(file, device=str(device)))
-    mods = dict(model.named_modules())
-    swapped = []
-    for name, info in manifest["modules"].items():
-        try:
-            values, meta = state.pop(f"{name}.values"), state.pop(f"{name}.meta")
-        except KeyError:
-            raise LmsqueezeError(f"{directory}: the manifest lists {name} but the files hold no {name}.values/.meta") from None
-        if name not in mods or not isinstance(mods[name], nn.Linear):
-            raise LmsqueezeError(f"{directory}: the manifest lists {name}, which is not a linear module of "
-                                 f"{type(model).__name__}")
-        bias = state.pop(f"{name}.bias", None) if info.get("bias") else None
-        parent_name, _, child = name.rpartition(".")
-        setattr(mods[parent_name] if parent_name else model, child, SparseLinear(values, meta, bias, backend=backend))
-        swapped.append(name)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise LmsqueezeError(f"{directory}: tensors that {type(model).__name__} does not have: "
-                             f"{', '.join(result.unexpected_keys[:5])}")
-    if getattr(cfg, "tie_word_embeddings", False):
-        model.tie_weights()
-    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if left:
-        raise LmsqueezeError(f"{directory}: no stored tensor for {', '.join(left[:5])}")
-    model.to(device).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError):
-        tokenizer = None
-    log.info("load_packed_sparse24: %d 2:4 module(s) from %s", len(swapped), directory)
-    return model, tokenizer, swapped

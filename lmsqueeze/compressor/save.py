@@ -114,15 +114,21 @@ model = AutoModelForCausalLM.from_pretrained("{dir}")   # dense weights{zeros}
 # pip install compressed-tensors; vLLM serves it as is: vllm serve {dir}
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("{dir}")   # unpacked to {dtype} on load
+# or, with the packed modules kept packed (lmsqueeze's 4-/8-bit kernels): lmsqueeze eval --model {dir}
+from lmsqueeze.compressor.packed import load_packed
+model, tokenizer, swapped = load_packed("{dir}")
 ```""",
     "gptq": """```python
 # GPTQ layout (quant_method gptq): GPTQModel, vLLM, or transformers with a GPTQ backend installed
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("{dir}")
+# or with no GPTQ package, the modules kept packed (lmsqueeze's kernels): lmsqueeze eval --model {dir}
+from lmsqueeze.compressor.packed import load_packed
+model, tokenizer, swapped = load_packed("{dir}")
 ```""",
     "sparse24": """```python
-from lmsqueeze.compressor.formats import load_packed_sparse24
-model, tokenizer, swapped = load_packed_sparse24("{dir}")   # 2:4 layers stay packed (SparseLinear)
+from lmsqueeze.compressor.packed import load_packed
+model, tokenizer, swapped = load_packed("{dir}")   # 2:4 layers stay packed (SparseLinear / Sparse24QuantLinear)
 ```""",
 }
 
@@ -288,12 +294,12 @@ def load_compressed(directory: str | os.PathLike, dtype=None, device: str = "cpu
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmsqueeze.compressor.formats import SPARSE24_MANIFEST, load_packed_sparse24
+    from lmsqueeze.compressor.packed import load_packed, packed_format
     from lmsqueeze.models import parse_dtype
 
     meta = load_metadata(directory)
-    if (Path(directory) / SPARSE24_MANIFEST).exists():  # packed 2:4: its own loader, no dense copy
-        model, tokenizer, _ = load_packed_sparse24(directory, device=device)
+    if packed_format(directory):  # packed modules stay packed (QuantLinear, SparseLinear, ...): no dense copy
+        model, tokenizer, _ = load_packed(directory, device=device)
         if dtype is not None:
             model.to(parse_dtype(dtype))
         return model, tokenizer, meta

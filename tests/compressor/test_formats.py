@@ -12,8 +12,9 @@ import torch
 
 from lmsqueeze import models
 from lmsqueeze.compressor import compress, make_config, save_compressed
-from lmsqueeze.compressor.formats import gptq_pack_rows, gptq_unpack_rows, load_packed_sparse24, plan
+from lmsqueeze.compressor.formats import gptq_pack_rows, gptq_unpack_rows, plan
 from lmsqueeze.compressor.methods import compress_weight, prepare_hessian
+from lmsqueeze.compressor.packed import load_packed
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels.obs import QuantSpec, obs_update_ref, quantize_rtn, quantize_rtn_grid
 from lmsqueeze.models import tiny_model
@@ -200,7 +201,7 @@ def test_packed_24_loads_without_a_dense_copy_and_matches_dense(tmp_path):
     s = meta["sizes"]
     assert s["compressed_modules_bytes"] == pytest.approx(0.5625 * 2 * s["compressed_weights"])
     assert s["weights_bytes"] < dense_meta["sizes"]["weights_bytes"]
-    loaded, _, swapped = load_packed_sparse24(tmp_path / "s24")
+    loaded, _, swapped = load_packed(tmp_path / "s24")
     assert len(swapped) == 14
     from lmsqueeze.sparse import SparseLinear
 
@@ -209,6 +210,73 @@ def test_packed_24_loads_without_a_dense_copy_and_matches_dense(tmp_path):
     for n in swapped:
         assert torch.equal(mods[n].weight, dict(model.named_modules())[n].weight.detach())
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0.02, atol=0.02)
+
+
+# ---- one loader for every packed format (modules stay packed) --------------------------------------------
+
+def test_unpack_bitstream_reads_what_compressed_tensors_packs():
+    """3-bit codes straddle int32 words in compressed-tensors' dense packing; 4- and 8-bit ones do not."""
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    from lmsqueeze.compressor.packed import unpack_bitstream
+
+    for bits, cols in ((3, 80), (4, 36), (8, 7), (2, 33)):
+        codes = torch.randint(0, 2 ** bits, (5, cols), generator=torch.Generator().manual_seed(bits))
+        words = helpers.pack_to_int32((codes - 2 ** (bits - 1)).to(torch.int8), bits)
+        assert torch.equal(unpack_bitstream(words, bits, cols), codes), bits
+    # hand case: codes 1, 2, 3, ... of 3 bits: 0b...011_010_001 in the first word
+    words = helpers.pack_to_int32(torch.tensor([[1, 2, 3]], dtype=torch.int8) - 4, 3)
+    assert words.tolist() == [[0b011010001]] and unpack_bitstream(words, 3, 3).tolist() == [[1, 2, 3]]
+    with pytest.raises(LmsqueezeError, match="hold 10 3-bit codes, not 11"):
+        unpack_bitstream(torch.zeros(1, 1, dtype=torch.int32), 3, 11)
+
+
+@pytest.mark.parametrize("method,opts,fmt,kind", [
+    ("gptq", dict(bits=4, group_size=16, act_order=True), "gptq", "QuantLinear"),
+    ("rtn", dict(bits=8, group_size=-1, sym=True), "gptq", "QuantLinear"),
+    ("gptq", dict(bits=4, group_size=32), "compressed-tensors", "QuantLinear"),
+    ("rtn", dict(bits=3, group_size=16), "compressed-tensors", "Linear"),          # 3-bit: dequantized at load
+    ("sparsegpt", dict(sparsity="2:4", bits=4, group_size=32), "sparse24", "Sparse24QuantLinear"),
+])
+def test_load_packed_keeps_modules_packed_with_the_solvers_weights(tmp_path, method, opts, fmt, kind):
+    """Each packed format lmsqueeze writes reads back with the compressed modules as packed modules whose
+    weights are the solver's grid (fp32 model: bit for bit, gptq's fp16 scales aside) and the same logits."""
+    model, report, grids = _compressed(method, **opts)
+    meta = save_compressed(model, None, tmp_path / "p", report, format=fmt, grids=grids)
+    assert meta["save_format"] == fmt
+    loaded, _, swapped = load_packed(tmp_path / "p")
+    mods = dict(loaded.named_modules())
+    assert set(swapped) == (set() if kind == "Linear" else set(grids))
+    for name, grid in grids.items():
+        assert type(mods[name]).__name__ == kind, name
+        if kind != "Linear":                                       # no dense [out, in] float copy is held
+            assert not any(t.is_floating_point() and t.shape == grid.codes.shape for t in mods[name].buffers())
+        want = grid.dequantize()
+        if fmt == "gptq":                                          # the layout stores fp16 scales
+            g = grid.g_idx.long()
+            want = grid.scale.half().float()[:, g] * (grid.codes.float() - grid.zero[:, g])
+        assert torch.equal(mods[name].weight.detach().float(), want), name
+        with torch.no_grad():
+            dict(model.named_modules())[name].weight.copy_(want)   # the format's weights (gptq: fp16 scales)
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=1e-4)
+
+
+def test_joint_24_4bit_sparse24_is_smaller_than_packed_quantized_and_loads_in_eval(tmp_path):
+    """Joint 2:4 + 4-bit in --format sparse24 stores 4-bit codes of the kept values only (+ 2:4 metadata):
+    fewer bytes than compressed-tensors' codes for every weight; `lmsqueeze eval` runs it packed."""
+    from lmsqueeze.cli import main
+
+    model, report, grids = _compressed("sparsegpt", sparsity="2:4", bits=4, group_size=16)
+    s24 = save_compressed(model, None, tmp_path / "s24", report, format="sparse24", grids=grids)["sizes"]
+    ct = save_compressed(model, None, tmp_path / "ct", report, format="compressed-tensors", grids=grids)["sizes"]
+    # per weight: 2 bits of codes + 1 bit of metadata + (fp32 scale + u8 zero) / 16 = 5.5 bits
+    assert s24["bits_per_weight"] == pytest.approx(2 + 1 + 40 / 16, rel=1e-6)
+    assert s24["compressed_modules_bytes"] < ct["compressed_modules_bytes"]
+    manifest = json.loads((tmp_path / "s24" / "sparse24.json").read_text())
+    assert {m["bits"] for m in manifest["modules"].values()} == {4}
+    tiny = models.load_model("tiny-llama")[1]
+    tiny.save_pretrained(tmp_path / "s24")
+    assert main(["eval", "--model", str(tmp_path / "s24"), "--tasks", "ppl:pydoc", "--limit", "2", "--quiet",
+                 "--output", str(tmp_path / "r.json")]) == 0
 
 
 def test_dense_unstructured_says_so_in_config(tmp_path):
