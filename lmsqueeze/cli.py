@@ -161,7 +161,8 @@ def cmd_compress(args) -> int:
     # reconstruction error, when asked (the default RTN run spent minutes on 128 x 2048 tokens for it);
     # OWL's per-layer sparsity reads activations, so it calibrates whatever the method
     owl = getattr(config, "layer_sparsity", None) == "owl"
-    calibrate = bool(config.needs) or args.measure_error or owl
+    calibrate = bool(config.needs) or bool(args.measure_error) or owl
+    measure = calibrate if args.measure_error is None else args.measure_error
     ddp.join(args.device, args.dist_timeout)
     from lmsqueeze.compressor.offload import DiskOffload, check_mode
 
@@ -198,7 +199,7 @@ def cmd_compress(args) -> int:
         with first_step_estimate("layer", "shorter with --nsamples or --calib-seqlen") if calibrate \
                 else contextlib.nullcontext():
             report = compress(model, config, calib, device=args.device, batch_size=args.batch_size,
-                              measure_error=calibrate, calibration_info=calib_info, offload=offload, grids=grids)
+                              measure_error=measure, calibration_info=calib_info, offload=offload, grids=grids)
         if args.offload == "cpu":
             report.offload = "cpu"
         if ddp.is_main():  # every rank holds the same compressed model; one writes it
@@ -447,9 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     s.add_argument("--seqlen", dest="calib_seqlen", type=int, action=_Renamed, new="--calib-seqlen",
                    help=argparse.SUPPRESS)
-    s.add_argument("--measure-error", action="store_true",
-                   help="magnitude, rtn: run the calibration forward to measure each module's reconstruction "
-                        "error (data-free methods skip it by default; the others always measure it)")
+    s.add_argument("--measure-error", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure each module's reconstruction error during the propagation (one extra GEMM per "
+                        "module on the first batch); on by default for methods that calibrate, off for data-free "
+                        "ones (magnitude, rtn), where it costs the calibration forward; --no-measure-error skips it")
     s.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (default 8)")
     s.add_argument("--dtype", default="auto", choices=DTYPES, help=_DTYPE_HELP)
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

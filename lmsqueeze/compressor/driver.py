@@ -389,13 +389,7 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
             report.layer_sparsity = {"mode": "uniform", "target": config.fraction}
         bar = progress(range(len(layers)), desc=f"{config.method}", unit="layer", leave=True)
         for i in bar:
-            layer = layers[i]
-            if offload is not None:
-                offload.fetch(i, device)
-            else:
-                layer.to(device)
-            mods = targets[i]
-            kw_i = _kwargs_for(model, i, batches)
+            layer, mods, kw_i = _enter_layer(model, layers, i, targets, batches, offload, device)
             cfg = layer_cfgs[i]
             stats, leader_of, producers = {}, {}, {}
             if method.needs and mods:
@@ -436,10 +430,7 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
                 if errors:
                     bar.set_postfix_str(f"layer {i}: err {sum(errors.values()) / len(errors):.3g}")
             del originals
-            if offload is not None:
-                offload.release(i)
-            else:
-                layer.to(home)
+            _leave_layer(layers, i, offload, home)
             log.info("layer %d: %s", i, ", ".join(
                 f"{r.name.rsplit('.', 1)[-1]} err={r.recon_error if r.recon_error is None else f'{r.recon_error:.3g}'}"
                 for r in report.modules[-len(mods):]) if mods else "nothing selected")
@@ -457,6 +448,24 @@ def compress(model, config, calibration=None, *, device: str | torch.device | No
     if cuda:
         report.peak_cuda_mib = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return report
+
+
+def _enter_layer(model, layers, i, targets, batches, offload, device):
+    """Layer i on the compute device (fetched from disk when offloaded): (layer, its selected modules by
+    name, the keywords each calibration batch passes it)."""
+    if offload is not None:
+        offload.fetch(i, device)
+    else:
+        layers[i].to(device)
+    return layers[i], targets[i], _kwargs_for(model, i, batches)
+
+
+def _leave_layer(layers, i, offload, home) -> None:
+    """Layer i back where it lives: written back to disk and dropped when offloaded, else moved home."""
+    if offload is not None:
+        offload.release(i)
+    else:
+        layers[i].to(home)
 
 
 def _solved(res) -> dict:
@@ -581,13 +590,7 @@ def _owl_configs(model, layers, targets, config, batches, device, home, offload,
     ratios_out = []
     bar = progress(range(len(layers)), desc="owl outliers", unit="layer", leave=False)
     for i in bar:
-        layer = layers[i]
-        if offload is not None:
-            offload.fetch(i, device)
-        else:
-            layer.to(device)
-        mods = targets[i]
-        kw_i = _kwargs_for(model, i, batches)
+        layer, mods, kw_i = _enter_layer(model, layers, i, targets, batches, offload, device)
         outliers = total = 0
         if mods:
             stats, leader_of = _statistics(layer, mods, batches, kw_i, ("col_sq_norm",), device, clock)
@@ -601,10 +604,7 @@ def _owl_configs(model, layers, targets, config, batches, device, home, offload,
         for b, kw in zip(batches, kw_i):
             b["h"] = _layer_forward(layer, b, kw)
         clock.t["forward"] += clock.now() - t0
-        if offload is not None:
-            offload.release(i)
-        else:
-            layer.to(home)
+        _leave_layer(layers, i, offload, home)
     bar.close()
     for b, h in zip(batches, saved):
         b["h"] = h
@@ -786,9 +786,10 @@ def _statistics(layer, mods, batches, kw_i, kinds, device, clock, producers: dic
             current["mask"] = batch["mask"]
             current["probe"] = [] if bi == 0 else None
             current["outputs"] = [] if bi == 0 and producers is not None else None
-            t0 = clock.now()
+            t0, in_hooks = clock.now(), clock.t["statistics"]
             _layer_forward(layer, batch, kw)
-            clock.t["forward"] += clock.now() - t0
+            # the hooks' own time is "statistics": forward is the layer's compute alone
+            clock.t["forward"] += clock.now() - t0 - (clock.t["statistics"] - in_hooks)
             if bi == 0:
                 probe, current["probe"] = current["probe"], None
                 outputs, current["outputs"] = current["outputs"] or [], None
@@ -861,23 +862,28 @@ def _propagate(layer, mods, originals, batches, kw_i, clock, measure_error, erro
     deltas = {name: originals.pop(name).sub_(weight_of(mod)) for name, mod in mods.items() if name in originals}
 
     def make_hook(name, mod):
+        bias = getattr(mod, "bias", None)
+
         def hook(module, inputs, output):
             if not current["on"]:
                 return
             t0 = clock.now()
             x = inputs[0]
             m = _token_mask(x, current["mask"], name)
-            dy = F.linear(x, deltas[name]).float()          # (W - W') x
-            y = output.float()
-            if getattr(mod, "bias", None) is not None:
-                y = y - mod.bias.float()
-            full = y + dy                                    # W x
-            dy, full = dy.reshape(-1, dy.shape[-1]), full.reshape(-1, full.shape[-1])
-            if m is not None:
-                keep = m.reshape(-1)
-                dy, full = dy[keep], full[keep]
-            num[name] += float((dy * dy).sum())
-            den[name] += float((full * full).sum())
+            # (W - W') x: the one GEMM the measurement costs, on the measured tokens only; the compressed
+            # output W' x is the propagation's own. Sums run in place in the fp32 dy (no gathered copies).
+            dy = F.linear(x, deltas[name]).float().reshape(-1, output.shape[-1])
+            keep = None if m is None else m.reshape(-1, 1).to(dy.dtype)
+            if keep is not None:
+                dy.mul_(keep)                               # padding rows count for nothing
+            flat = dy.view(-1)
+            num[name] += float(torch.dot(flat, flat))
+            dy.add_(output.reshape(-1, output.shape[-1]))  # W x (+ bias) = W' x (+ bias) + (W - W') x
+            if isinstance(bias, torch.Tensor):
+                dy.sub_(bias)
+            if keep is not None:
+                dy.mul_(keep)
+            den[name] += float(torch.dot(flat, flat))
             clock.t["error"] += clock.now() - t0
         return hook
 

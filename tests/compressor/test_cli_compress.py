@@ -70,3 +70,12 @@ def test_data_free_methods_run_no_calibration_unless_the_error_is_asked_for(tmp_
     meta = json.loads((out / "lmsqueeze.json").read_text())
     assert meta["calibration"]["source"] == "pydoc" and meta["calibration"]["tokens"] == 128
     assert all(m["recon_error"] > 0 for m in meta["modules"])
+
+
+def test_no_measure_error_skips_the_measurement_entirely(tmp_path, capsys):
+    out = tmp_path / "sgpt"
+    assert main(["--quiet", *BASE, "--method", "sparsegpt", "--sparsity", "0.5", "--no-measure-error",
+                 "--output-dir", str(out)]) == 0
+    meta = json.loads((out / "lmsqueeze.json").read_text())
+    assert all(m["recon_error"] is None and m["sparsity"] == 0.5 for m in meta["modules"])
+    assert meta["timings"]["error"] == 0.0 and meta["timings"]["statistics"] > 0  # calibrated, nothing measured

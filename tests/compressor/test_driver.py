@@ -230,3 +230,55 @@ def test_non_finite_weight_names_the_module(method, value):
                                              r"value \((nan|inf)\)"):
         compress(model, CONFIGS[method], calib(2, 16), measure_error=False)
 
+
+
+def _errors_by_hand(model, before, after, ids, mask):
+    """sum ||(W - W') x||^2 / sum ||W x||^2 per module, W = before[name], W' = after[name], x = the module's input
+    when `model` runs the calibration tokens, valid tokens only. With `model` the compressed model, x is what the
+    driver's propagation feeds the module (every layer before it and the layer's own modules compressed).
+    Independent of the driver: one plain forward with hooks, in fp64."""
+    mods = dict(model.named_modules())
+    num, den, handles = {}, {}, []
+    for name in before:
+        def hook(mod, inputs, output, name=name):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            if mask is not None:
+                x = x[mask.reshape(-1)]
+            W0, W1 = before[name].double(), after[name].double()
+            num[name] = num.get(name, 0.0) + float(((x @ (W0 - W1).T) ** 2).sum())
+            den[name] = den.get(name, 0.0) + float(((x @ W0.T) ** 2).sum())
+        handles.append(mods[name].register_forward_hook(hook))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=None if mask is None else mask.long(), use_cache=False)
+    for h in handles:
+        h.remove()
+    return {n: num[n] / den[n] for n in before}
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_error_is_measured_against_the_dense_weights_on_the_propagated_inputs(padded):
+    """The error the propagation measures equals the hand-computed one; the wrong references (inputs of the dense
+    model, i.e. of the statistics pass, instead of the propagated ones; padding counted) are far off, so this
+    test tells them apart."""
+    model, _ = load_model("tiny-llama")
+    ids = calib(4, 32)
+    mask = None
+    if padded:
+        mask = torch.ones(4, 32, dtype=torch.bool)
+        mask[1, 20:] = False
+        mask[3, 9:] = False
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    before = {n: weight_of(dict(model.named_modules())[n]).detach().clone() for n in names}
+    report = compress(model, SparseGPTConfig(sparsity=0.5, blocksize=32), ids if mask is None else
+                      {"input_ids": ids, "attention_mask": mask.long()}, batch_size=3, error_samples=None)
+    after = {n: weight_of(dict(model.named_modules())[n]).detach().clone() for n in names}
+    got = {r.name: r.recon_error for r in report.modules}
+    want = _errors_by_hand(model, before, after, ids, mask)
+    for n in names:
+        assert got[n] == pytest.approx(want[n], rel=1e-4), n
+    dense, _ = load_model("tiny-llama")
+    wrong = _errors_by_hand(dense, before, after, ids, mask)
+    assert max(abs(wrong[n] - got[n]) / got[n] for n in names) > 1e-2, "the test cannot tell the references apart"
+    if padded:
+        counted = _errors_by_hand(model, before, after, ids, None)
+        assert max(abs(counted[n] - got[n]) / got[n] for n in names) > 1e-2
