@@ -319,8 +319,7 @@ def plot_ppl_vs_divergence(records: list[dict], path: Path) -> bool:
     from matplotlib.lines import Line2D
 
     fig, axes = plt.subplots(1, len(ys), figsize=(6 * len(ys), 4.4), squeeze=False)
-    methods = [m for m in ("magnitude", "wanda", "sparsegpt", "gptq", "rtn") if any(r["method"] == m for r in rows)]
-    methods += sorted({r["method"] for r in rows} - set(methods))
+    methods = list(dict.fromkeys(r["method"] for r in order_records(rows)))  # the legend in the tables' order
     colors = method_colors(records)
     settings = sorted({setting(r) for r in rows}, key=sparsity_order)
     shapes = {st: "osD^vPX*ph"[i % 10] for i, st in enumerate(settings)}

@@ -52,29 +52,46 @@ def interval(rec: dict | None, key: str, which: str = "ci"):
 
 
 def setting(rec: dict) -> str:
+    """What a cell varies: "0.5", "2:4", "3-bit", "0.5 + 3-bit" (joint sparse + quantized), "-" (dense or a
+    fixed format such as nf4)."""
     if rec["method"] == "dense":
         return "-"
-    return str(rec["sparsity"]) if rec.get("sparsity") is not None else f"{rec.get('bits')}-bit"
+    parts = ([str(rec["sparsity"])] if rec.get("sparsity") is not None else []) \
+        + ([f"{rec['bits']}-bit"] if rec.get("bits") is not None else [])
+    return " + ".join(parts) or "-"
 
 
 def sparsity_order(s) -> tuple:
-    """Unstructured fractions by value, then N:M patterns by N/M, then bit widths."""
+    """Unstructured fractions by value, then N:M patterns by N/M, then bit widths; a joint "0.5 + 3-bit" sits
+    right after its plain sparsity, joint cells by bits."""
     if s is None or s == "-":
-        return (2, 0.0, "")
+        return (2, 0.0, 0, "")
     s = str(s)
+    if " + " in s:
+        sparsity, _, bits = s.partition(" + ")
+        return (*sparsity_order(sparsity)[:2], float(bits.removesuffix("-bit")), s)
     if s.endswith("-bit"):  # quantizer settings, by bits
-        return (3, float(s.removesuffix("-bit")), s)
+        return (3, float(s.removesuffix("-bit")), 0, s)
     if ":" in s:
         n, m = s.split(":")
-        return (1, 1 - int(n) / int(m), s)
-    return (0, float(s), s)
+        return (1, 1 - int(n) / int(m), 0, s)
+    return (0, float(s), 0, s)
 
 
-METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "gptq", "rtn"]
+def method_order() -> list[str]:
+    """The order of methods in every table and plot: "dense" first, then the method registry's order
+    (`lmsqueeze.compressor.methods.registry`: pruners, pruners that also quantize, quantizers; within a kind
+    in registration order), so a plug-in method takes its place by kind with no edit here."""
+    from lmsqueeze.compressor.methods import names  # imports torch: on use, not when tables is imported
+
+    return ["dense", *names()]
 
 
 def order_records(records: list[dict]) -> list[dict]:
-    return sorted(records, key=lambda r: (METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99,
+    """The records sorted by method (`method_order`; a method no longer registered, such as a plug-in whose
+    LMSQUEEZE_METHODS entry is gone, after the registered ones by name), then sparsity, bits, calibration."""
+    rank = {m: i for i, m in enumerate(method_order())}
+    return sorted(records, key=lambda r: (rank.get(r["method"], len(rank)), r["method"],
                                           sparsity_order(r.get("sparsity")), r.get("bits") or 0,
                                           r.get("calib") or ""))
 

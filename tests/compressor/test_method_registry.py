@@ -91,3 +91,41 @@ def test_study_grid_joint_cells_and_fixed_width_quantizers():
     assert plain[1].config["layer_sparsity"] == "owl" and plain[1].config.get("bits") is None
     with pytest.raises(LmsqueezeError, match="unknown method\\(s\\) obs; valid: magnitude"):
         StudySpec(model="tiny-llama", methods=("obs",), tasks=("ppl:pydoc",))
+
+
+def test_report_orders_methods_by_the_registry_and_places_a_plug_in(tmp_path, monkeypatch):
+    """The report's rows follow the registry (pruners, joint, quantizers), not a list in the report: the toy
+    plug-in pruner sits after the builtin pruners, before sparsegpt; joint cells name their bits; a method
+    that is no longer registered comes last."""
+    from pathlib import Path
+
+    from lmsqueeze.study import read_results
+    from lmsqueeze.study.report import render_table
+
+    recs = read_results(Path(__file__).parent.parent / "fixtures" / "study")
+    mag = next(r for r in recs if r["key"] == "k-mag05")
+    gptq = next(r for r in recs if r["key"] == "k-gptq4p")
+    sgpt = next(r for r in recs if r["key"] == "k-sgpt24p")
+    extra = [dict(json.loads(json.dumps(mag)), key="k-toy", method="toy", label="toy 0.5"),
+             dict(json.loads(json.dumps(gptq)), key="k-awq", method="awq", bits=3, label="awq 3-bit"),
+             dict(json.loads(json.dumps(gptq)), key="k-int8", method="llm-int8", bits=None, label="llm-int8"),
+             dict(json.loads(json.dumps(sgpt)), key="k-joint", sparsity=0.5, bits=3, label="sparsegpt 0.5 + 3-bit"),
+             dict(json.loads(json.dumps(mag)), key="k-old", method="retired", label="retired 0.5")]
+    records = extra[::-1] + recs  # the file's order must not matter
+
+    def rows():
+        lines = [ln for ln in render_table(records).splitlines()[2:]]
+        return [tuple(c.strip() for c in ln.strip("|").split("|")[:2]) for ln in lines]
+
+    monkeypatch.setenv("LMSQUEEZE_METHODS", str(_plugin(tmp_path)))
+    assert rows() == [("dense", "-"), ("magnitude", "0.5"), ("magnitude", "2:4"), ("wanda", "0.5"), ("wanda", "0.5"),
+                      ("toy", "0.5"), ("sparsegpt", "0.5 + 3-bit"), ("sparsegpt", "2:4"), ("gptq", "4-bit"),
+                      ("awq", "3-bit"), ("llm-int8", "-"), ("retired", "0.5")]
+    monkeypatch.delenv("LMSQUEEZE_METHODS")  # unregistered now: the toy rows go to the end, by name
+    assert [r[0] for r in rows()][-2:] == ["retired", "toy"]
+
+
+def _plugin(tmp_path):
+    plugin = tmp_path / "toy_method.py"
+    plugin.write_text(TOY)
+    return plugin
