@@ -7,12 +7,21 @@ the weight columns of outlier inputs (max |x_j| over the calibration tokens abov
 exactly as they are, and every other weight is rounded to int8 with one absmax scale per output row
 (vector-wise quantization: scale_r = max |W_rj| over the non-outlier columns / 127).
 
-What it stores: the dequantized weights (dense; outlier columns bit for bit the original). Evaluated on
-CPU with the activations left in the model dtype (the paper also quantizes the activations of the
-non-outlier columns per token; that part is not simulated). How to deploy: bitsandbytes'
-`BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)` on the dense checkpoint picks its outlier
-columns at run time from the live activations with the same threshold and re-quantizes the other
-columns per row, as here. Statistic: act_absmax [in].
+What it stores: the dequantized weights in a dense checkpoint (outlier columns bit for bit the original, the
+others int8 code * row scale); lmsqueeze writes no int8 format, and `lmsqueeze.json` records per module how
+many columns were outliers. The outlier columns are fixed by the calibration data, and the activations stay
+in the model dtype (the paper also rounds the non-outlier activations to int8 per token; not simulated).
+
+How to deploy: the dense checkpoint runs as is anywhere transformers does (the numbers lmsqueeze measured,
+no memory saved). For the memory saving, load the *base* model with bitsandbytes,
+`BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)`; that is LLM.int8 at run time, with three
+differences from what was measured here: it picks the outlier columns per batch from the live activations;
+it rounds the non-outlier activations to int8; and in inference mode (has_fp16_weights=False) it stores
+every weight column in int8, with one absmax per row over all columns, and multiplies the 16-bit outlier
+activations with those dequantized int8 weights, so its outlier columns are not exact and its row scales
+are coarser wherever the row's largest weight sits in an outlier column. Loading this module's output into
+bitsandbytes re-quantizes it that way too: its int8 grid is not preserved. Expect bitsandbytes to be
+slightly worse than these numbers. Statistic: act_absmax [in].
 """
 from __future__ import annotations
 

@@ -10,11 +10,14 @@ absmaxes is stored as 8-bit codes with its own absmax (linear, symmetric codes h
 
 What it stores: lmsqueeze writes the dequantized weights (level * m, dense; there is no packed NF4 format in
 the checkpoint formats transformers reads). How to deploy: load the checkpoint with bitsandbytes,
-`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")` (and bnb_4bit_use_double_quant for
-double quantization): when the input width is a multiple of 64, its blocks are these blocks, each block's
-largest weight is exactly +-m, so re-quantizing yields the same codes (up to the rounding of the dense
-weights to the model dtype). Evaluated on CPU as the dequantized weights (weights only; activations stay
-in the model dtype). Data-free.
+`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`: when the input width is a multiple of
+64 (bitsandbytes' block size; it cuts the flattened weight into blocks of 64), its blocks are these blocks,
+its 16 levels are these (equal within 2e-7), and each block's largest weight is exactly +-m, so
+re-quantizing yields the same codes and absmaxes (up to the rounding of the dense weights to the model
+dtype). With double_quant, bnb_4bit_use_double_quant=True stores the absmaxes with its own 8-bit code, so
+the deployed absmaxes differ slightly from the ones evaluated here. Evaluated on CPU as the dequantized
+weights (weights only; activations stay in the model dtype); the embeddings and the output head stay
+dense, as bitsandbytes keeps them. Data-free.
 """
 from __future__ import annotations
 
