@@ -154,6 +154,45 @@ def test_awq_through_the_driver_folds_into_the_norms(tmp_path):
         assert torch.allclose(packed(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_awq_on_gemma3_folds_into_the_sandwich_norms_exactly():
+    """Gemma 3 (the second real model's family): four norms per layer, (1 + w) weights. q/k/v read
+    input_layernorm and gate/up read pre_feedforward_layernorm (post_attention_layernorm normalises the
+    attention output before the residual: a scale folded there would change the model). The folded model
+    must compute what the same quantized weights with the scale kept explicit compute."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                           max_position_embeddings=512, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # norm weights away from their zero init, so that 1 + w is not 1
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0.0, 0.5)
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    rep = compress(model, AWQConfig(bits=4, group_size=16, grid=5, clip_grid=5), ids, batch_size=4)
+    folded = {r.name: r.info["scale_folded_into"] for r in rep.modules if "scale_folded_into" in r.info}
+    for i in range(2):
+        want = {f"model.layers.{i}.self_attn.{m}": "input_layernorm" for m in ("q_proj", "k_proj", "v_proj")}
+        want |= {f"model.layers.{i}.mlp.{m}": "pre_feedforward_layernorm" for m in ("gate_proj", "up_proj")}
+        assert {k: v for k, v in folded.items() if f".layers.{i}." in k} == want
+    # the same quantized weights acting on the unscaled input: W_q / s, s = (1 + w_dense) / (1 + w_folded)
+    explicit = copy.deepcopy(dense)
+    mods, ex = dict(model.named_modules()), dict(explicit.named_modules())
+    for r in rep.modules:
+        W = weight_of(mods[r.name]).detach()
+        if r.name in folded:
+            norm = r.name.rsplit(".", 2)[0] + "." + folded[r.name]
+            s = (1 + weight_of(ex[norm]).detach()) / (1 + weight_of(mods[norm]).detach())
+            assert not torch.allclose(s, torch.ones_like(s))  # a scale was folded
+            W = W / s
+        weight_of(ex[r.name]).data.copy_(W)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, explicit(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_llm_int8_and_nf4_through_the_driver():
     torch.manual_seed(0)
     model, _ = load_model("tiny-gpt2")

@@ -12,12 +12,20 @@ over the activations. The optional clipping search then shrinks each (row, group
 [max_shrink, 1] (the paper's auto-clip), each group judged on its own block of H (scaled by 1/s).
 
 Where the scale goes (the driver decides, lmsqueeze.compressor.driver._fold_rule): when the modules' input
-comes straight out of a normalisation (input_layernorm before q/k/v, post_attention_layernorm before
-gate/up, Gemma's (1 + w) norms too), 1/s is folded into the norm's weight and the modules store Q(W diag(s))
-exactly on the group grid, so packed checkpoints (compressed-tensors, gptq) hold them. Elsewhere (o_proj,
-down_proj: their input is computed, not produced by a module with a weight) the scale stays explicit:
-dense checkpoints store Q(W diag(s)) diag(s)^-1; when a packed format is asked for, such modules take
-s = 1 (clipping search only), because a per-input-column factor is not representable in the group grid.
+comes straight out of a normalisation (input_layernorm before q/k/v; before gate/up, Llama's
+post_attention_layernorm or Gemma 2/3's pre_feedforward_layernorm, the norm whose output they read; Gemma's
+(1 + w) norms too), 1/s is folded into the norm's weight and the modules store Q(W diag(s)) exactly on the
+group grid, so packed checkpoints (compressed-tensors, gptq) hold them. Elsewhere (o_proj, down_proj: their
+input is computed, not produced by a module with a weight) the scale stays explicit: dense checkpoints
+store Q(W diag(s)) diag(s)^-1; when a packed format is asked for, such modules take s = 1 (clipping search
+only), because a per-input-column factor is not representable in the group grid.
+
+What it stores and how to deploy: `--format compressed-tensors` writes the integer codes, group scales and
+zero points with the folded norms in an ordinary checkpoint for transformers (compressed-tensors
+installed): with `--sym` it loads as is; AWQ's default asymmetric grid loads with
+`quantization_config=CompressedTensorsConfig(dequantize=True)` (see compressor.formats.default_format, which
+is why asymmetric AWQ defaults to dense). `--format dense` writes the dequantized weights (o_proj/down_proj
+with their explicit scale folded back), for evaluation or any runtime that takes float weights.
 
 Statistics: hessian [in, in] and act_absmean [in]. Quantizer: the min/max grid of GPTQ and RTN
 (lmsqueeze.kernels.obs.find_params), so with alpha = 0 and no clipping AWQ is RTN bit for bit.
