@@ -175,13 +175,16 @@ def cmd_compress(args) -> int:
         text = load_text(args.calib, args.data_dir)
     dtype = resolve_dtype(args.dtype, args.device)
     model, tok = load_model(args.model, dtype=dtype, device="cpu")
+    from lmsqueeze.compressor.formats import is_quantizer
     from lmsqueeze.compressor.formats import plan as format_plan
     from lmsqueeze.compressor.save import sizes_markdown
 
-    fmt = format_plan(model, config, args.format, offload=args.offload == "disk")  # refuses before any work
+    fmt = format_plan(model, config, args.format, offload=args.offload == "disk",  # refuses before any work
+                      quantize_embedding=args.quantize_embedding)
     for note in fmt.notes:
         print(f"note: {note}", file=sys.stderr)
-    grids = {} if fmt.format in ("compressed-tensors", "gptq") else None
+    packs_codes = fmt.format in ("compressed-tensors", "gptq") or (fmt.format == "sparse24" and is_quantizer(config))
+    grids = {} if packs_codes else None
     offload = None
     if args.offload == "disk":  # the layers go to safetensors files; one at a time comes back
         offload = DiskOffload.beside(model, args.output_dir, args.offload_dir)
@@ -202,9 +205,15 @@ def cmd_compress(args) -> int:
                               measure_error=measure, calibration_info=calib_info, offload=offload, grids=grids)
         if args.offload == "cpu":
             report.offload = "cpu"
+        extra = {"dtype": dtype}
+        if args.quantize_embedding:
+            from lmsqueeze.compressor.embeddings import quantize_embeddings
+
+            extra["embedding_quantization"] = quantize_embeddings(model, config.bits, config.group_size, config.sym,
+                                                                  grids)
         if ddp.is_main():  # every rank holds the same compressed model; one writes it
             meta = save_compressed(model, tok, args.output_dir, report, model_name=args.model,
-                                   extra={"dtype": dtype}, offload=offload, format=fmt.format, grids=grids)
+                                   extra=extra, offload=offload, format=fmt.format, grids=grids)
             print(f"compressed {args.model} with {config.describe()} -> {args.output_dir} ({fmt.format})\n")
             print(report.summary_markdown())
             print("\n" + sizes_markdown(meta))
@@ -464,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "qzeros/scales/g_idx), dense (floats with exact zeros, any tool), sparse24 (packed 2:4 "
                         "values + metadata, lmsqueeze.compressor.packed.load_packed); default: "
                         "compressed-tensors for gptq/rtn/sparsegpt --bits, dense otherwise")
+    s.add_argument("--quantize-embedding", action="store_true",
+                   help="quantizers: put the input embedding (and an output head tied to it) on the linear layers' "
+                        "grid too (round to nearest; --bits, --group-size when it divides the width, else one "
+                        "scale per row); stored packed by --format compressed-tensors (default: kept as it is)")
     s.add_argument("--dist-timeout", type=float, default=None,
                    help="under torchrun: seconds a rank waits for the others before giving up "
                         "(default LMSQUEEZE_DIST_TIMEOUT, else 600)")

@@ -103,11 +103,21 @@ def _dividing_group_sizes(widths: set[int]) -> list[int]:
     return [d for d in (256, 128, 64, 32, 16, 8) if g % d == 0][:4]
 
 
-def plan(model, config, fmt: str | None, *, offload: bool = False) -> Plan:
-    """Check that `fmt` can hold `config` applied to `model` (before any work); raises LmsqueezeError if not."""
+def plan(model, config, fmt: str | None, *, offload: bool = False, quantize_embedding: bool = False) -> Plan:
+    """Check that `fmt` can hold `config` applied to `model` (before any work); raises LmsqueezeError if not.
+
+    quantize_embedding: the input embedding is put on the linear layers' grid too
+    (lmsqueeze.compressor.embeddings); only compressed-tensors stores it packed, dense keeps the
+    fake-quantized table at full size."""
     fmt = default_format(config) if fmt is None else fmt
     if fmt not in FORMATS:
         raise LmsqueezeError(f"format '{fmt}' is unknown; valid: {', '.join(FORMATS)}")
+    if quantize_embedding and not is_quantizer(config):
+        raise LmsqueezeError(f"--quantize-embedding puts the embedding on the quantizer's grid, but {config.method} "
+                             f"without --bits quantizes nothing; add --bits or leave out --quantize-embedding")
+    if quantize_embedding and fmt in ("gptq", "sparse24"):
+        raise LmsqueezeError(f"--format {fmt} has no place for a quantized embedding; use --format compressed-tensors "
+                             f"(stores it packed) or dense, or leave out --quantize-embedding")
     targets = _targets(model, config)
     p = Plan(fmt, {n: _shape(m) for n, m in targets.items()})
     quant = is_quantizer(config)
@@ -115,6 +125,9 @@ def plan(model, config, fmt: str | None, *, offload: bool = False) -> Plan:
     widths = {inp for _, inp in p.modules.values()}
     ragged = sorted({w for w in widths if gs != -1 and w % gs})
     if fmt == "dense":
+        if quantize_embedding:
+            p.notes.append("the quantized embedding is written fake-quantized at full size in dense; "
+                           "--format compressed-tensors stores it packed")
         if ragged:
             p.notes.append(f"group size {gs} does not divide input width(s) {', '.join(map(str, ragged))}: the last "
                            f"group of each row there holds {', '.join(str(w % gs) for w in ragged)} column(s)")
@@ -125,6 +138,10 @@ def plan(model, config, fmt: str | None, *, offload: bool = False) -> Plan:
     from lmsqueeze.compressor.driver import is_conv1d
 
     conv = [n for n, m in targets.items() if is_conv1d(m)]
+    if fmt == "compressed-tensors" and quantize_embedding:
+        p.notes.append("a quantized embedding loads in transformers with quantization_config=CompressedTensorsConfig("
+                       "dequantize=True) (the compressed-module route finds no output head to tie it to), and in "
+                       "lmsqueeze (eval, load_packed) as it is")
     if fmt == "compressed-tensors" and quant and not getattr(config, "sym", False):
         p.notes.append("asymmetric pack-quantized checkpoints load in transformers with quantization_config="
                        "CompressedTensorsConfig(dequantize=True) (plain from_pretrained rejects their packed zero "
@@ -229,31 +246,51 @@ def _linear_names(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def embedding_grids(model, grids: dict | None, names) -> list[str]:
+    """Names of nn.Embedding modules with a grid (lmsqueeze.compressor.embeddings) besides the linear `names`."""
+    mods = dict(model.named_modules())
+    return [n for n in (grids or {}) if n not in names and isinstance(mods.get(n), nn.Embedding)]
+
+
+def _tied_keys(model, module_name: str) -> set[str]:
+    """State-dict keys whose tensor is module_name's weight (a tied output head shares the embedding's)."""
+    weight = dict(model.named_modules())[module_name].weight
+    return {k for k, v in model.state_dict(keep_vars=True).items() if v is weight}
+
+
 def compressed_tensors_state(model, grids: dict, names: list[str]) -> tuple[dict, dict]:
-    """(tensors to write, config.json's quantization_config) for pack-quantized, via the compressed-tensors library."""
+    """(tensors to write, config.json's quantization_config) for pack-quantized, via the compressed-tensors library.
+
+    The linear modules `names` form config group "group_0" (targets Linear); a quantized input embedding
+    (lmsqueeze.compressor.embeddings) forms "group_1" (targets Embedding), stored the same way."""
     from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     _need_grids(names, grids)
-    g0 = grids[names[0]]
     dtype = next(model.parameters()).dtype
-    offset = 2 ** (g0.bits - 1)  # compressed-tensors stores signed codes: q - 2^(bits-1)
     sd = {}
-    for name in names:
+    embeddings = embedding_grids(model, grids, names)
+    for name in [*names, *embeddings]:
         g = grids[name]
+        offset = 2 ** (g.bits - 1)  # compressed-tensors stores signed codes: q - 2^(bits-1)
         sd[f"{name}.weight_packed"] = pack_to_int32((g.codes.to(torch.int16) - offset).to(torch.int8), g.bits)
         sd[f"{name}.weight_scale"] = g.scale.to(dtype).contiguous()
         sd[f"{name}.weight_shape"] = torch.tensor(list(g.codes.shape), dtype=torch.int64)
         if not g.sym:
             zp = (g.zero.to(torch.int16) - offset).to(torch.int8)
             sd[f"{name}.weight_zero_point"] = pack_to_int32(zp, g.bits, packed_dim=0)
-    args = QuantizationArgs(num_bits=g0.bits, type="int", symmetric=g0.sym,
-                            strategy="channel" if g0.group_size == -1 else "group",
-                            group_size=None if g0.group_size == -1 else g0.group_size, observer="minmax")
-    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+
+    def args(g):
+        return QuantizationArgs(num_bits=g.bits, type="int", symmetric=g.sym,
+                                strategy="channel" if g.group_size == -1 else "group",
+                                group_size=None if g.group_size == -1 else g.group_size, observer="minmax")
+
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=args(grids[names[0]]))}
+    if embeddings:
+        groups["group_1"] = QuantizationScheme(targets=["Embedding"], weights=args(grids[embeddings[0]]))
     ignore = [n for n in _linear_names(model) if n not in grids]
-    qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+    qconfig = QuantizationConfig(config_groups=groups, format="pack-quantized",
                                  quantization_status="compressed", ignore=ignore)
     return sd, ModelCompressor(quantization_config=qconfig)
 
@@ -330,6 +367,8 @@ def pack(model, plan_: Plan, config, grids: dict | None) -> Packed:
     weights = {f"{n}.weight" for n in names}
     if plan_.format == "compressed-tensors":
         sd, compressor = compressed_tensors_state(model, grids, names)
+        for name in embedding_grids(model, grids, names):  # the embedding and an output head tied to it
+            weights |= _tied_keys(model, name)
         return Packed(sd, weights, finish=compressor.update_config)  # the library writes quantization_config
     if plan_.format == "gptq":
         sd, qc, notes = gptq_state(model, grids, names, config)

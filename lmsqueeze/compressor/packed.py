@@ -195,6 +195,7 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from lmsqueeze.kernels.quant import dequantize
     from lmsqueeze.qlinear import swap_packed
     from lmsqueeze.sparse import SparseLinear
 
@@ -228,6 +229,8 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
     for name, p in modules.items():
         if name not in mods:
             raise LmsqueezeError(f"{directory}: {name} is not a module of {type(model).__name__}")
+        if not isinstance(p, tuple) and not isinstance(mods[name], nn.Linear):  # a quantized embedding
+            p = dequantize(p) if not isinstance(p, torch.Tensor) else p
         if isinstance(p, torch.Tensor):  # dequantized at load (2/3-bit codes, embeddings)
             state[f"{name}.weight"] = p.to(dtype)
             dense.append(name)

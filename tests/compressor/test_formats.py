@@ -105,9 +105,10 @@ LOAD_WITHOUT_LMSQUEEZE = textwrap.dedent("""
             out["logits"] = m(ids).logits.float()
         out["down_proj"] = dict(m.named_parameters())["model.layers.1.mlp.down_proj.weight"].detach().float()
         qc = json.load(open(d + "/config.json"))["quantization_config"]
-        if qc["config_groups"]["group_0"]["weights"]["symmetric"]:
+        if qc["config_groups"]["group_0"]["weights"]["symmetric"] and "group_1" not in qc["config_groups"]:
             # the default route (compressed modules, decompressed on the first forward); asymmetric
-            # checkpoints fail there with compressed-tensors 0.20.1 (its meta path leaves zero points unpacked)
+            # checkpoints fail there with compressed-tensors 0.20.1 (its meta path leaves zero points unpacked),
+            # and so do quantized tied embeddings (transformers 5.24 then finds no lm_head to tie)
             m = AutoModelForCausalLM.from_pretrained(d).eval()
             with torch.no_grad():
                 out["logits_default"] = m(ids).logits.float()
@@ -277,6 +278,74 @@ def test_joint_24_4bit_sparse24_is_smaller_than_packed_quantized_and_loads_in_ev
     tiny.save_pretrained(tmp_path / "s24")
     assert main(["eval", "--model", str(tmp_path / "s24"), "--tasks", "ppl:pydoc", "--limit", "2", "--quiet",
                  "--output", str(tmp_path / "r.json")]) == 0
+
+
+def test_quantize_embedding_packs_the_tied_table_and_loads_without_lmsqueeze(tmp_path):
+    """--quantize-embedding: the tied embedding is stored on the linear layers' grid (config group targeting
+    Embedding), the
+    output head is not stored twice, compressed-tensors alone reads back the model in memory, and so does
+    load_packed; gptq refuses it before any work."""
+    pytest.importorskip("compressed_tensors")
+    from lmsqueeze.cli import main
+    from lmsqueeze.compressor.embeddings import quantize_embeddings
+
+    from transformers import LlamaForCausalLM
+
+    cfg = models.tiny_config("tiny-llama")
+    cfg.tie_word_embeddings = True                               # as SmolLM2 and Gemma 3 are
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    grids = {}
+    report = compress(model, make_config("rtn", bits=4, group_size=16, sym=True), CALIB, grids=grids)
+    before = model.get_input_embeddings().weight.detach().clone()
+    info = quantize_embeddings(model, 4, 16, True, grids)
+    table = model.get_input_embeddings().weight.detach()
+    assert info["tied"] and info["group_size"] == 16 and model.get_output_embeddings().weight is model.model.embed_tokens.weight
+    assert not torch.equal(table, before)
+    # symmetric 4-bit: every entry within half a step (2 absmax / 15 per group of 16) of the original
+    step = 2 * before.abs().reshape(before.shape[0], -1, 16).amax(-1, keepdim=True) / 15
+    assert bool(((table - before).abs().reshape(step.shape[0], -1, 16) <= step / 2 + 1e-7).all())
+    plain = save_compressed(model, None, tmp_path / "ct4", report, format="compressed-tensors",
+                            grids={k: v for k, v in grids.items() if k != info["module"]})
+    meta = save_compressed(model, None, tmp_path / "ct", report, format="compressed-tensors", grids=grids)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "ct" / "model.safetensors", "pt") as fh:
+        keys = set(fh.keys())
+    assert "model.embed_tokens.weight_packed" in keys and "model.embed_tokens.weight" not in keys
+    assert "lm_head.weight" not in keys
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert cfg["group_1"]["targets"] == ["Embedding"] and cfg["group_1"]["weights"]["num_bits"] == 4
+    # the table went from 4 bytes (fp32) to half a byte + a scale per 16 entries
+    saved = plain["sizes"]["weights_bytes"] - meta["sizes"]["weights_bytes"]
+    assert saved == pytest.approx(table.numel() * (4 - 0.5 - 4 / 16), rel=0.01)
+    torch.save(IDS, tmp_path / "ids.pt")
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_WITHOUT_LMSQUEEZE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ids.pt"), str(tmp_path / "ct")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "ct" / "read_back.pt")
+    torch.testing.assert_close(got["logits"], _logits(model), rtol=0, atol=1e-5)
+    loaded, _, _ = load_packed(tmp_path / "ct")
+    assert torch.equal(loaded.get_input_embeddings().weight, table)
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=1e-5)
+    notes = plan(model, make_config("rtn", bits=4, group_size=16, sym=True), "compressed-tensors",
+                 quantize_embedding=True).notes
+    assert any("CompressedTensorsConfig(dequantize=True)" in n for n in notes)
+    with pytest.raises(LmsqueezeError, match="has no place for a quantized embedding"):
+        plan(tiny_model("tiny-llama"), make_config("rtn", bits=4, group_size=16), "gptq", quantize_embedding=True)
+    with pytest.raises(LmsqueezeError, match="wanda without --bits quantizes nothing"):
+        plan(tiny_model("tiny-llama"), make_config("wanda", sparsity=0.5), "dense", quantize_embedding=True)
+    assert main(["compress", "--model", "tiny-llama", "--method", "rtn", "--bits", "4", "--group-size", "16",
+                 "--quantize-embedding", "--format", "gptq", "--output-dir", str(tmp_path / "x"), "--quiet"]) == 2
+    assert main(["compress", "--model", "tiny-llama", "--method", "rtn", "--bits", "4", "--group-size", "16", "--sym",
+                 "--quantize-embedding", "--output-dir", str(tmp_path / "y"), "--quiet"]) == 0
+    written = json.loads((tmp_path / "y" / "lmsqueeze.json").read_text())
+    assert written["save_format"] == "compressed-tensors" and written["embedding_quantization"]["bits"] == 4
+    assert load_packed(tmp_path / "y")[0].get_input_embeddings().weight.unique().numel() > 16
 
 
 def test_dense_unstructured_says_so_in_config(tmp_path):
