@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.lmsqueeze-installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 
-.PHONY: setup demo test bench clean browser
+.PHONY: setup demo test bench bench-llmc-env clean browser
 
 setup: $(STAMP)
 
@@ -55,6 +55,14 @@ test: $(STAMP) browser
 
 bench: $(STAMP)
 	$(PYTHON) bench/bench_kernels.py
+
+# llm-compressor for bench/bench_llmcompressor.py, in an environment of its own (never needed by CI). torch
+# 2.13.0 first: the CPU build; llmcompressor 0.14.0.1 then keeps it (any other torch spec pulls CUDA packages).
+LLMC_VENV ?= /work/llmc-venv
+bench-llmc-env:
+	$(PY) -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/pip install torch==2.13.0
+	$(LLMC_VENV)/bin/pip install llmcompressor==0.14.0.1
 
 clean:
 	rm -rf build lmsqueeze/_C*.so *.egg-info

@@ -12,6 +12,16 @@ passes through the decoder (no lm_head) over the same batches.
 
 Prints markdown tables (timing, perplexity, per-module reconstruction error of SparseGPT vs Wanda vs
 magnitude at 50%) and writes JSON with bench.harness.machine_info() to bench/results/ or --output.
+
+    python bench/bench_compress.py --phases [--phase-layers 0,15] [--repeat 3] [--dtype fp32]
+
+The phase table (issue 22): per decoder layer, on the same calibration batches, the plain layer
+forward against the driver's hooked statistics pass (compressor.driver._statistics) for each kind of
+statistic (col_sq_norm: Wanda; hessian: SparseGPT, GPTQ), and the statistic kernels alone on the
+captured distinct inputs. Each round runs plain, hooked, kernels back to back; the table gives the
+median over rounds of wall and process CPU seconds and the paired ratio hooked / plain, plus the
+FLOP floor of the Hessian statistics (one triangle: tokens * d^2 per distinct input) against the
+layer's linear FLOPs, the ratio that no implementation of the same GEMM efficiency can go below.
 """
 from __future__ import annotations
 
@@ -135,6 +145,124 @@ def _checks(model, config, report) -> dict:
     return {"exact_sparsity": exact if pruned else None, "nm_pattern": nm_ok if nm else None}
 
 
+def phase_table(args) -> dict:
+    """Plain vs hooked calibration forward per layer (see the module docstring); returns a JSON-able dict."""
+    import statistics as stats_mod
+
+    import torch
+
+    from lmsqueeze.compressor import SparseGPTConfig
+    from lmsqueeze.compressor.driver import (
+        _capture,
+        _Clock,
+        _kwargs_for,
+        _layer_forward,
+        _statistics,
+        find_decoder_layers,
+        linear_modules,
+        weight_of,
+    )
+    from lmsqueeze.kernels import col_sq_norm_update, hessian_update
+    from lmsqueeze.models import load_model
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, dtype=args.dtype)
+    calib = _calib(tok, args)
+    layers = find_decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    clock = _Clock(False)
+    model.config.use_cache = False
+    with torch.no_grad():
+        batches = _capture(model, layers, calib, None, args.batch_size, torch.device("cpu"),
+                           torch.device("cpu"), clock)
+    picks = [int(i) for i in args.phase_layers.split(",")] if args.phase_layers else [0]
+    tokens = int(calib.numel())
+    rows = []
+
+    def timed(fn):
+        w, c = time.perf_counter(), time.process_time()
+        out = fn()
+        return time.perf_counter() - w, time.process_time() - c, out
+
+    for li in picks:
+        if not 0 <= li < len(layers):
+            raise SystemExit(f"--phase-layers: layer {li} does not exist; the model has {len(layers)} (0..{len(layers) - 1})")
+        # the hidden states entering layer li: run the dense layers before it
+        with torch.no_grad():
+            for j in range(li):
+                kw_j = _kwargs_for(model, j, batches)
+                for b, kw in zip(batches, kw_j):
+                    b["h"] = _layer_forward(layers[j], b, kw)
+            layer = layers[li]
+            mods = linear_modules(layer, f"{prefix}.{li}", SparseGPTConfig(sparsity=0.5))
+            kw_i = _kwargs_for(model, li, batches)
+            linear_flops = 2.0 * tokens * sum(weight_of(m).numel() for m in mods.values())
+            for kind in ("col_sq_norm", "hessian"):
+                _, leader_of = _statistics(layer, mods, batches, kw_i, (kind,), torch.device("cpu"), _Clock(False))
+                widths = [weight_of(mods[n]).shape[1] for n in mods if leader_of[n] == n]
+                inputs = {}
+
+                def grab(name):
+                    def hook(mod, inp, out):
+                        inputs.setdefault(name, []).append(inp[0])
+                    return hook
+
+                handles = [mods[n].register_forward_hook(grab(n)) for n in mods if leader_of[n] == n]
+                for b, kw in zip(batches, kw_i):
+                    _layer_forward(layer, b, kw)
+                for h in handles:
+                    h.remove()
+                update = hessian_update if kind == "hessian" else col_sq_norm_update
+
+                def kernels():
+                    for xs in inputs.values():
+                        d = xs[0].shape[-1]
+                        acc = torch.zeros((d, d) if kind == "hessian" else (d,))
+                        n = 0
+                        for x in xs:
+                            n = update(acc, x, n)
+
+                def plain():
+                    for b, kw in zip(batches, kw_i):
+                        _layer_forward(layer, b, kw)
+
+                def hooked():
+                    _statistics(layer, mods, batches, kw_i, (kind,), torch.device("cpu"), _Clock(False))
+
+                plain()  # warm-up (allocator, thread pool), not counted
+                rounds = []
+                for _ in range(args.repeat):
+                    rounds.append((timed(plain)[:2], timed(hooked)[:2], timed(kernels)[:2]))
+                inputs.clear()
+                row = {"layer": li, "statistic": kind, "tokens": tokens, "distinct_inputs": widths,
+                       "rounds": [{"plain": r[0], "hooked": r[1], "kernels": r[2]} for r in rounds]}
+                for j, k in enumerate(("plain", "hooked", "kernels")):
+                    row[f"{k}_wall_s"] = stats_mod.median(r[j][0] for r in rounds)
+                    row[f"{k}_cpu_s"] = stats_mod.median(r[j][1] for r in rounds)
+                row["ratio_wall"] = stats_mod.median(r[1][0] / r[0][0] for r in rounds)
+                row["ratio_cpu"] = stats_mod.median(r[1][1] / r[0][1] for r in rounds)
+                if kind == "hessian":
+                    row["floor_ratio"] = 1.0 + tokens * sum(d * d for d in widths) / linear_flops
+                rows.append(row)
+                print(f"  layer {li} {kind}: hooked/plain {row['ratio_cpu']:.2f} (CPU), {row['ratio_wall']:.2f} (wall)",
+                      file=sys.stderr, flush=True)
+            for b, kw in zip(batches, kw_i):  # on to the next layer with this layer's dense outputs
+                b["h"] = _layer_forward(layer, b, kw)
+    return {"rows": rows, "tokens": tokens, "threads": args.threads, "dtype": args.dtype}
+
+
+def phase_markdown(res: dict) -> str:
+    lines = [f"### Calibration pass: plain vs hooked layer forward ({res['tokens']:,} tokens, {res['dtype']}, "
+             f"{res['threads']} threads; median of rounds)", "",
+             "| layer | statistic | plain CPU s | hooked CPU s | kernels alone CPU s | hooked / plain (CPU) | "
+             "hooked / plain (wall) | FLOP floor |", "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['layer']} | {r['statistic']} | {r['plain_cpu_s']:.3g} | {r['hooked_cpu_s']:.3g} | "
+                     f"{r['kernels_cpu_s']:.3g} | {r['ratio_cpu']:.2f} | {r['ratio_wall']:.2f} | "
+                     f"{_fmt(r.get('floor_ratio'), '.2f')} |")
+    return "\n".join(lines)
+
+
 def _fmt(v, spec=".1f"):
     return "-" if v is None else format(v, spec)
 
@@ -200,6 +328,10 @@ def main():
     p.add_argument("--tmp-dir", default=None, help="where checkpoints are written (and deleted)")
     p.add_argument("--output", default=None, help="JSON path (default bench/results/compress-<time>.json)")
     p.add_argument("--merge", nargs="+", default=None, help="print the tables of earlier JSON results (merged)")
+    p.add_argument("--phases", action="store_true", help="the plain vs hooked calibration pass table (issue 22) "
+                                                            "instead of the whole-run table")
+    p.add_argument("--phase-layers", default=None, help="--phases: comma-separated decoder layers (default 0)")
+    p.add_argument("--repeat", type=int, default=3, help="--phases: rounds of plain, hooked, kernels (default 3)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.merge:
@@ -213,6 +345,15 @@ def main():
 
         args.threads = torch.get_num_threads()
     os.environ.setdefault("LMSQUEEZE_QUIET", "1")
+    if args.phases:
+        res = phase_table(args)
+        out = Path(args.output) if args.output else (
+            ROOT / "bench" / "results" / f"compress-phases-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write(out, args, {"phases": res})
+        print(phase_markdown(res))
+        print(f"JSON: {out}", file=sys.stderr)
+        return
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args)))
         return
