@@ -56,10 +56,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // ---- quant_matmul (issue 19) ----
   m.def("quant_matmul_cpu", &lmsqueeze::quant_matmul_cpu, py::arg("x"), py::arg("qweight"), py::arg("scales"),
         py::arg("zeros"), py::arg("perm"), py::arg("in_features"), py::arg("bits"), py::arg("group_size"),
-        py::arg("bias") = py::none());
+        py::arg("bias") = py::none(), py::arg("act_int8") = false);
   m.def("sparse24_quant_matmul_cpu", &lmsqueeze::sparse24_quant_matmul_cpu, py::arg("x"), py::arg("qvalues"),
         py::arg("meta"), py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),
-        py::arg("bias") = py::none());
+        py::arg("bias") = py::none(), py::arg("act_int8") = false);
   // ---- end quant_matmul ----
 #ifdef LMSQUEEZE_WITH_CUDA
   m.def("col_sq_norm_update_cuda", &lmsqueeze::col_sq_norm_update_cuda, py::arg("s"), py::arg("x"),

@@ -44,11 +44,13 @@ std::tuple<torch::Tensor, std::optional<torch::Tensor>, torch::Tensor> obs_updat
 // perm [in] int64 or None (packed column j is input column perm[j]).
 torch::Tensor quant_matmul_cpu(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                                const torch::Tensor& zeros, const std::optional<torch::Tensor>& perm, int64_t in,
-                               int64_t bits, int64_t group_size, const std::optional<torch::Tensor>& bias);
+                               int64_t bits, int64_t group_size, const std::optional<torch::Tensor>& bias,
+                               bool act_int8);
 // 2:4 + 4-bit: qvalues [out, in/16] int32 (codes of the kept values), meta [out, in/16] int16 (sparse24's).
+// act_int8: 1..16 rows of x rounded to int8 per 32 columns, int8 dot products (4-bit, in and group % 64 == 0).
 torch::Tensor sparse24_quant_matmul_cpu(const torch::Tensor& x, const torch::Tensor& qvalues, const torch::Tensor& meta,
                                         const torch::Tensor& scales, const torch::Tensor& zeros, int64_t bits,
-                                        int64_t group_size, const std::optional<torch::Tensor>& bias);
+                                        int64_t group_size, const std::optional<torch::Tensor>& bias, bool act_int8);
 // ---- end quant_matmul ----
 
 #ifdef LMSQUEEZE_WITH_CUDA

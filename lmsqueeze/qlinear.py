@@ -11,7 +11,9 @@ dense F.linear for its format, shape and batch on this device (one measurement p
 bucket, cached); where dense wins (large batches: prefill, scoring) it dequantizes its weight once
 into the activations' dtype and keeps that copy (not a buffer, never saved): it trades memory for
 never running slower than the dense model. `set_quant_mode("packed")` (or LMSQUEEZE_QUANT=packed)
-keeps memory at the packed size instead; "dense" forces the dense copy.
+keeps memory at the packed size instead; "dense" forces the dense copy. The packed kernels round 1..16
+rows of x to int8 where that applies (lmsqueeze.kernels.quant, "Activations"); LMSQUEEZE_QUANT_ACT=fp32
+keeps them exact.
 
 The reference a quantized model must match is the fake-quantized dense model: every swapped layer's
 weight replaced by dequantize(packed).to(dtype) (`fake_quantize_model`).
@@ -29,11 +31,14 @@ from torch import nn
 from lmsqueeze import _ext
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels.quant import (
+    I8_MULTIPLE,
+    MAX_GEMV_ROWS,
     QuantWeight,
     Sparse24QuantWeight,
     check_packed,
     check_sparse24_packed,
     dequantize,
+    quant_act,
     quant_matmul,
     quant_pack,
     sparse24_quant_matmul,
@@ -128,7 +133,7 @@ def choose_quant(fmt: tuple, out: int, cols: int, rows: int, dtype, device) -> s
     if mode != "auto":
         return mode
     device = torch.device(device)
-    key = (fmt, out, cols, batch_bucket(rows), dtype, device.type)
+    key = (fmt, out, cols, batch_bucket(rows), dtype, device.type, quant_act())
     rec = _CHOICES.get(key)
     if rec is None:
         rec = _CHOICES[key] = measure_quant(fmt, out, cols, key[3], dtype, device)
@@ -162,6 +167,8 @@ class _PackedLinear(nn.Module):
         self._dense: torch.Tensor | None = None
         self._dense_key: tuple | None = None
         self._choices: dict[tuple, str] = {}
+        # int8 activations (lmsqueeze.kernels.quant, "Activations") fit this weight's shape
+        self._i8_shape = bits == 4 and self.in_features % I8_MULTIPLE == 0 and group_size % I8_MULTIPLE == 0
 
     @property
     def packed(self):
@@ -181,7 +188,7 @@ class _PackedLinear(nn.Module):
         return self._dense
 
     def _choice(self, rows: int, dtype) -> str:
-        key = (EPOCH[0], os.environ.get("LMSQUEEZE_QUANT"), rows, dtype)
+        key = (EPOCH[0], os.environ.get("LMSQUEEZE_QUANT"), os.environ.get("LMSQUEEZE_QUANT_ACT"), rows, dtype)
         choice = self._choices.get(key)
         if choice is None:
             if len(self._choices) > 64:
@@ -203,7 +210,9 @@ class _PackedLinear(nn.Module):
             return F.linear(x, self._dense_weight(x.dtype), bias)
         if self._direct(x):
             # the dispatcher's format checks cost tens of us a call; the C++ kernel checks shapes itself
-            y = self._cpu(x.reshape(rows, self.in_features), bias)
+            i8 = (rows <= MAX_GEMV_ROWS and self._i8_shape and quant_act() == "int8"
+                  and _ext.ext().active_isa() != "generic")
+            y = self._cpu(x.reshape(rows, self.in_features), bias, i8)
             return y.reshape(*x.shape[:-1], self.out_features)
         return self._matmul(x, bias)
 
@@ -240,9 +249,9 @@ class QuantLinear(_PackedLinear):
         return QuantWeight(self.qweight, self.scales, self.zeros, self.g_idx, self.perm,
                            (self.out_features, self.in_features), self.bits, self.group_size, self.sym)
 
-    def _cpu(self, x2, bias):
+    def _cpu(self, x2, bias, i8: bool):
         return _ext.ext().quant_matmul_cpu(x2, self.qweight, self.scales, self.zeros, self.perm, self.in_features,
-                                           self.bits, self.group_size, bias)
+                                           self.bits, self.group_size, bias, i8)
 
     def _matmul(self, x, bias):
         return quant_matmul(x, self.packed, bias, backend=self.backend)
@@ -274,9 +283,9 @@ class Sparse24QuantLinear(_PackedLinear):
         return Sparse24QuantWeight(self.qvalues, self.meta, self.scales, self.zeros,
                                    (self.out_features, self.in_features), self.bits, self.group_size, self.sym)
 
-    def _cpu(self, x2, bias):
+    def _cpu(self, x2, bias, i8: bool):
         return _ext.ext().sparse24_quant_matmul_cpu(x2, self.qvalues, self.meta, self.scales, self.zeros, self.bits,
-                                                    self.group_size, bias)
+                                                    self.group_size, bias, i8)
 
     def _matmul(self, x, bias):
         return sparse24_quant_matmul(x, self.packed, bias, backend=self.backend)

@@ -121,3 +121,31 @@ def test_swap_packed_into_a_meta_skeleton():
     with torch.no_grad():
         expected = torch.nn.functional.linear(x, dequantize(packed))
         assert_close(model(x), expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_int8_activations_match_the_rounded_reference(ext, sparse):
+    """Default act="int8": every packed layer rounds its <= 16 input rows to int8 per 32 columns; the fake-quantized
+    model with that same rounding on each linear's input (quantize_act_int8) is the exact reference."""
+    from lmsqueeze.kernels.quant import quantize_act_int8
+
+    model, tok = load_model("tiny-llama", dtype=torch.float32)
+    if sparse:
+        prune_24(model)
+    assert len(quantize_model(model, bits=4, group_size=64, sparse24=sparse)) == 14
+    reference = copy.deepcopy(model)
+    fake_quantize_model(reference)
+
+    def round_input(_, args):
+        x = args[0]
+        return (quantize_act_int8(x.reshape(-1, x.shape[-1])).reshape(x.shape),)
+
+    for name, mod in reference.named_modules():
+        if type(mod) is nn.Linear and name != "lm_head":
+            mod.register_forward_pre_hook(round_input)
+    ids = torch.tensor([tok.encode("int8 rows of x, four-bit weights")[:12]])  # <= 16 rows per linear
+    with torch.no_grad():
+        got = model(ids).logits
+        expected = reference(ids).logits
+    atol, rtol = LOGIT_TOL[torch.float32]
+    assert_close(got, expected, atol=atol * float(expected.abs().max()), rtol=rtol, name=f"int8 act, 2:4 {sparse}")

@@ -40,6 +40,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -485,6 +486,208 @@ void build_x_s24(const T* __restrict__ x,  // [rows, in], row stride sx
     }
 }
 
+// ---- int8 activations: x quantized per block of 32 columns, 4-bit codes x int8 dot products (AVX2) ----
+// x_k ~= d_b * xq_k with d_b = max |x| over block b (32 consecutive columns, in the packed order) / 127 and
+// xq_k = round-half-even(x_k / d_b) in [-127, 127]. Then for a group g of row n:
+//   sum_k s (q_k - z) xhat_k = s * sum_b d_b * (sum_{k in b} q_k xq_k) - s z xs_g,  xs_g = sum_{b in g} d_b sum xq_k
+// and sum q_k xq_k is exact in integers: vpmaddubsw (unsigned codes 0..15 x signed int8, pairs into int16:
+// at most 2 * 15 * 127, no saturation) then vpmaddwd by ones (int16 pairs into int32). Per 64 columns and
+// row of x that is 2 maddubs + 1 add + 1 madd + 1 cvt + 1 FMA, against 8 cvt + 8 FMA on the fp32 path.
+// The only error is x's rounding to int8 (relative 1/254 of a block's largest |x| at most); the reference
+// (quant_matmul_ref with act="int8") rounds x the same way, and docs/benchmarks.md gives the error on
+// SmolLM2's weights and activations. Needs bits == 4, in and the group size multiples of 64. On AVX-512
+// machines the same 256-bit code runs (no VNNI path: no machine here to test one).
+//
+// Dense kernel order of xq (per 64-column chunk, matching one 32-byte load of codes): the 32 even columns,
+// then the 32 odd ones (low and high nibbles). The int32 lane m of a chunk then sums columns [8m, 8m + 8),
+// so xd holds d per 8 columns: [d_A x4, d_B x4] for the chunk's two 32-column blocks A, B.
+// 2:4 kernel order (per 64-column chunk = 16 groups of 4): x_r[l] = x[4l + r] at 16 r + l, as bytes; the
+// kept value of group l is picked among x_0..x_3 by two vpblendvb whose masks come from the meta nibbles;
+// int32 lane m (and 4 + m) sums groups 4m..4m+3 = columns [16m, 16m + 16): xd = [d_A, d_A, d_B, d_B] x 2.
+// The 2:4 codes are made signed (q - z in [-15, 15]; z cannot be folded into a per-group x sum, as above),
+// and vpmaddubsw takes |q - z| with x's sign flipped where q - z < 0 (vpsignb).
+constexpr int64_t kXBlock = 32;  // columns of x per int8 scale
+constexpr int64_t kI8Chunk = 64;
+
+bool i8_eligible(int64_t bits, int64_t in, int64_t gs) {
+  return bits == 4 && in % kI8Chunk == 0 && gs % kI8Chunk == 0 && active_isa() >= kAvx2;
+}
+
+// Kernel position of column u (0..63) of a chunk.
+inline int64_t i8_slot(int64_t u, bool s24) { return s24 ? 16 * (u % 4) + u / 4 : ((u & 1) ? 32 + u / 2 : u / 2); }
+
+// xq [rows, in] int8 kernel order, xd [rows, in/8] scales per 8 columns (kernel lanes, see above),
+// xs [rows, ngroups] (dense only, may be null): per group sum of xhat.
+template <typename T>
+void build_x_i8(const T* __restrict__ x,          // [rows, in], row stride sx
+                int64_t sx,
+                const int64_t* __restrict__ perm,  // [in] or nullptr
+                int64_t rows, int64_t in, int64_t gs, bool s24,
+                int8_t* __restrict__ xq, float* __restrict__ xd, float* __restrict__ xs) {
+  const int64_t ngroups = (in + gs - 1) / gs;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (xs) std::fill(xs + r * ngroups, xs + (r + 1) * ngroups, 0.0f);
+    for (int64_t b0 = 0; b0 < in; b0 += kXBlock) {
+      float v[kXBlock];
+      float amax = 0.0f;
+      for (int64_t i = 0; i < kXBlock; ++i) {
+        v[i] = static_cast<float>(x[r * sx + (perm ? perm[b0 + i] : b0 + i)]);
+        amax = std::max(amax, std::fabs(v[i]));
+      }
+      const float d = amax / 127.0f;
+      int isum = 0;
+      const int64_t c = b0 / kI8Chunk * kI8Chunk;
+      for (int64_t i = 0; i < kXBlock; ++i) {
+        const int q = d > 0.0f ? static_cast<int>(std::nearbyint(std::min(127.0f, std::max(-127.0f, v[i] / d)))) : 0;
+        isum += q;
+        xq[r * in + c + i8_slot(b0 + i - c, s24)] = static_cast<int8_t>(q);
+      }
+      float* dd = xd + r * (in / 8) + c / 8;
+      const int half = static_cast<int>((b0 - c) / kXBlock);
+      if (s24)
+        dd[2 * half] = dd[2 * half + 1] = dd[4 + 2 * half] = dd[5 + 2 * half] = d;
+      else
+        for (int i = 0; i < 4; ++i) dd[4 * half + i] = d;
+      if (xs) xs[r * ngroups + b0 / gs] += d * static_cast<float>(isum);
+    }
+  }
+}
+
+template <int NB>
+__attribute__((target("avx2,fma"))) void row_i8_avx2(
+    const uint8_t* __restrict__ qb,  // [in/2] one output row's codes
+    const float* __restrict__ sc,    // [ngroups]
+    const uint8_t* __restrict__ zp,  // [ngroups]
+    const int8_t* __restrict__ xq,   // [NB, in] dense kernel order
+    const float* __restrict__ xd,    // [NB, in/8]
+    const float* __restrict__ xs,    // [NB, ngroups]
+    int64_t in, int64_t gs, int64_t ngroups, float* __restrict__ res) {  // res [NB]
+  const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  __m256 yacc[NB];
+  float ysc[NB];
+  for (int t = 0; t < NB; ++t) yacc[t] = _mm256_setzero_ps(), ysc[t] = 0.0f;
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const int64_t c0 = g * gs, c1 = std::min(c0 + gs, in);
+    // the next output row's bytes of this group, one row (in / 2 bytes) ahead of the loads
+    for (int64_t p = c0 / 2; p < c1 / 2; p += 64) _mm_prefetch(reinterpret_cast<const char*>(qb + in / 2 + p), _MM_HINT_T0);
+    __m256 acc[NB];
+    for (int t = 0; t < NB; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t j = c0; j < c1; j += kI8Chunk) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + j / 2));
+      const __m256i lo = _mm256_and_si256(b, m4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+      for (int t = 0; t < NB; ++t) {
+        const int8_t* xr = xq + t * in + j;
+        const __m256i p = _mm256_add_epi16(
+            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
+            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32))));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)),
+                                 _mm256_loadu_ps(xd + t * (in / 8) + j / 8), acc[t]);
+      }
+    }
+    const float s = sc[g], m = -s * static_cast<float>(zp[g]);
+    const __m256 sv = _mm256_set1_ps(s);
+    for (int t = 0; t < NB; ++t) {
+      yacc[t] = _mm256_fmadd_ps(sv, acc[t], yacc[t]);
+      ysc[t] += m * xs[t * ngroups + g];
+    }
+  }
+  for (int t = 0; t < NB; ++t) res[t] = hsum256(yacc[t]) + ysc[t];
+}
+
+template <int NB>
+__attribute__((target("avx2,fma"))) void row_s24_i8_avx2(
+    const uint8_t* __restrict__ qb,   // [in/4] codes of one output row's kept values
+    const uint16_t* __restrict__ mw,  // [in/16] meta words
+    const float* __restrict__ sc,     // [ngroups]
+    const uint8_t* __restrict__ zp,   // [ngroups]
+    const int8_t* __restrict__ xq,    // [NB, in] 2:4 kernel order
+    const float* __restrict__ xd,     // [NB, in/8]
+    int64_t in, int64_t gs, int64_t ngroups, float* __restrict__ res) {  // res [NB]
+  const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  // byte l of each lane <- meta byte l/2 (group l's nibble); the field of the lane's kept position and the
+  // values that pick x_1/x_2 (first kept, i0 in 0..2) or x_2/x_3 (second kept, i1 in 1..3)
+  const __m256i spread = _mm256_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7,
+                                          0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m256i field = _mm256_setr_epi8(3, 0x30, 3, 0x30, 3, 0x30, 3, 0x30, 3, 0x30, 3, 0x30, 3, 0x30, 3, 0x30,
+                                         0xC, -64, 0xC, -64, 0xC, -64, 0xC, -64, 0xC, -64, 0xC, -64, 0xC, -64, 0xC, -64);
+  const __m256i pick1 = _mm256_setr_epi8(1, 0x10, 1, 0x10, 1, 0x10, 1, 0x10, 1, 0x10, 1, 0x10, 1, 0x10, 1, 0x10,
+                                         8, -128, 8, -128, 8, -128, 8, -128, 8, -128, 8, -128, 8, -128, 8, -128);
+  const __m256i pick2 = _mm256_setr_epi8(2, 0x20, 2, 0x20, 2, 0x20, 2, 0x20, 2, 0x20, 2, 0x20, 2, 0x20, 2, 0x20,
+                                         0xC, -64, 0xC, -64, 0xC, -64, 0xC, -64, 0xC, -64, 0xC, -64, 0xC, -64, 0xC, -64);
+  __m256 yacc[NB];
+  for (int t = 0; t < NB; ++t) yacc[t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const int64_t c0 = g * gs, c1 = std::min(c0 + gs, in);
+    for (int64_t p = c0 / 4; p < c1 / 4; p += 64) _mm_prefetch(reinterpret_cast<const char*>(qb + in / 4 + p), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(mw + in / 16 + c0 / 16), _MM_HINT_T0);
+    const __m256i zv = _mm256_set1_epi8(static_cast<char>(zp[g]));
+    __m256 acc[NB];
+    for (int t = 0; t < NB; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t j = c0; j < c1; j += kI8Chunk) {
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + j / 4));
+      const __m256i w = _mm256_sub_epi8(
+          _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(c, 4), c), m4), zv);  // q - z: lane 0 first kept, lane 1 second
+      const __m256i aw = _mm256_abs_epi8(w);
+      uint64_t m64;
+      std::memcpy(&m64, mw + j / 16, 8);
+      const __m256i f = _mm256_and_si256(
+          _mm256_shuffle_epi8(_mm256_set1_epi64x(static_cast<long long>(m64)), spread), field);
+      const __m256i sel1 = _mm256_cmpeq_epi8(f, pick1), sel2 = _mm256_cmpeq_epi8(f, pick2);
+      for (int t = 0; t < NB; ++t) {
+        const int8_t* xr = xq + t * in + j;
+        const __m256i P = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));        // [x_0 | x_1]
+        const __m256i Q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16));   // [x_1 | x_2]
+        const __m256i R = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32));   // [x_2 | x_3]
+        const __m256i xk = _mm256_blendv_epi8(_mm256_blendv_epi8(P, Q, sel1), R, sel2);
+        const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xk, w));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)),
+                                 _mm256_loadu_ps(xd + t * (in / 8) + j / 8), acc[t]);
+      }
+    }
+    const __m256 sv = _mm256_set1_ps(sc[g]);
+    for (int t = 0; t < NB; ++t) yacc[t] = _mm256_fmadd_ps(sv, acc[t], yacc[t]);
+  }
+  for (int t = 0; t < NB; ++t) res[t] = hsum256(yacc[t]);
+}
+
+using I8RowFn = void (*)(const uint8_t*, const float*, const uint8_t*, const int8_t*, const float*, const float*,
+                         int64_t, int64_t, int64_t, float*);
+using S24I8RowFn = void (*)(const uint8_t*, const uint16_t*, const float*, const uint8_t*, const int8_t*,
+                            const float*, int64_t, int64_t, int64_t, float*);
+constexpr int kI8Tile = 4;  // rows of x per pass: 4 accumulators + codes + constants fit AVX2's 16 registers
+
+I8RowFn pick_i8_row(int nb) {
+  static const I8RowFn table[kI8Tile] = {row_i8_avx2<1>, row_i8_avx2<2>, row_i8_avx2<3>, row_i8_avx2<4>};
+  return table[nb - 1];
+}
+
+S24I8RowFn pick_s24_i8_row(int nb) {
+  static const S24I8RowFn table[kI8Tile] = {row_s24_i8_avx2<1>, row_s24_i8_avx2<2>, row_s24_i8_avx2<3>,
+                                            row_s24_i8_avx2<4>};
+  return table[nb - 1];
+}
+
+// Per-thread scratch for x's kernel forms: grows to the largest call and stays (no allocation per call).
+struct XScratch {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+};
+XScratch& x_scratch(int64_t rows, int64_t in, int64_t ngroups) {
+  thread_local XScratch sc;
+  if (static_cast<int64_t>(sc.q.size()) < rows * in) sc.q.resize(rows * in);
+  if (static_cast<int64_t>(sc.d.size()) < rows * (in / 8)) sc.d.resize(rows * (in / 8));
+  if (static_cast<int64_t>(sc.s.size()) < rows * ngroups) sc.s.resize(rows * ngroups);
+  return sc;
+}
+
+// y [rows, out] in x's dtype from the kernel's fp32 results, bias (fp32 or null) added.
+inline void store_y(void* y, bool bf16, int64_t idx, float v) {
+  if (bf16)
+    static_cast<c10::BFloat16*>(y)[idx] = c10::BFloat16(v);
+  else
+    static_cast<float*>(y)[idx] = v;
+}
+
 template <typename F>
 void parallel_rows(int64_t out, int64_t work_per_row, F&& body) {
   const int64_t min_rows = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row));
@@ -529,7 +732,8 @@ void check_common(const char* op, const torch::Tensor& x, const torch::Tensor& s
 
 torch::Tensor quant_matmul_cpu(const torch::Tensor& x_in, const torch::Tensor& qweight, const torch::Tensor& scales,
                                const torch::Tensor& zeros, const std::optional<torch::Tensor>& perm_in, int64_t in,
-                               int64_t bits, int64_t group_size, const std::optional<torch::Tensor>& bias_in) {
+                               int64_t bits, int64_t group_size, const std::optional<torch::Tensor>& bias_in,
+                               bool act_int8) {
   const char* op = "quant_matmul_cpu";
   TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
   TORCH_CHECK(in >= 0 && group_size >= 1, op, ": need in >= 0 and group_size >= 1, got in=", in, ", group_size=",
@@ -588,6 +792,37 @@ torch::Tensor quant_matmul_cpu(const torch::Tensor& x_in, const torch::Tensor& q
     return y;
   }
 
+  if (act_int8) {
+    TORCH_CHECK(i8_eligible(bits, in, group_size), op, ": int8 activations need 4-bit codes, in and group_size "
+                "multiples of 64 and an AVX2 CPU; got bits=", bits, ", in=", in, ", group_size=", group_size,
+                ", isa=", isa_name(active_isa()));
+    XScratch& xsc = x_scratch(rows, in, ngroups);
+    const int64_t* pp = perm.defined() ? perm.data_ptr<int64_t>() : nullptr;
+    if (dtype == torch::kFloat32)
+      build_x_i8(x.data_ptr<float>(), x.stride(0), pp, rows, in, group_size, false, xsc.q.data(), xsc.d.data(),
+                 xsc.s.data());
+    else
+      build_x_i8(x.data_ptr<c10::BFloat16>(), x.stride(0), pp, rows, in, group_size, false, xsc.q.data(),
+                 xsc.d.data(), xsc.s.data());
+    torch::Tensor y = torch::empty({rows, out}, x.options());
+    torch::Tensor bf = bias.defined() ? bias.to(torch::kFloat32).contiguous() : torch::Tensor();
+    const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+    void* yp = y.data_ptr();
+    const bool ybf = dtype == torch::kBFloat16;
+    parallel_rows(out, rows * in, [&](int64_t o0, int64_t o1) {
+      float res[kI8Tile];
+      for (int64_t o = o0; o < o1; ++o) {
+        for (int64_t b = 0; b < rows; b += kI8Tile) {
+          const int nb = static_cast<int>(std::min<int64_t>(kI8Tile, rows - b));
+          pick_i8_row(nb)(qb + o * row_bytes, sp + o * ngroups, zp + o * ngroups, xsc.q.data() + b * in,
+                          xsc.d.data() + b * (in / 8), xsc.s.data() + b * ngroups, in, group_size, ngroups, res);
+          for (int t = 0; t < nb; ++t) store_y(yp, ybf, (b + t) * out + o, res[t] + (bp ? bp[o] : 0.0f));
+        }
+      }
+    });
+    return y;
+  }
+
   Isa isa = active_isa();
   if (bits == 4 && group_size % 2 != 0) isa = kGeneric;  // vector chunks must start on a byte
   const int64_t C = isa == kAvx512 ? 32 : isa == kAvx2 ? 16 : 1;
@@ -627,7 +862,7 @@ torch::Tensor quant_matmul_cpu(const torch::Tensor& x_in, const torch::Tensor& q
 torch::Tensor sparse24_quant_matmul_cpu(const torch::Tensor& x_in, const torch::Tensor& qvalues,
                                         const torch::Tensor& meta, const torch::Tensor& scales,
                                         const torch::Tensor& zeros, int64_t bits, int64_t group_size,
-                                        const std::optional<torch::Tensor>& bias_in) {
+                                        const std::optional<torch::Tensor>& bias_in, bool act_int8) {
   const char* op = "sparse24_quant_matmul_cpu";
   TORCH_CHECK(bits == 4, op, ": only 4-bit codes are supported, got bits=", bits);
   TORCH_CHECK(qvalues.device().is_cpu() && qvalues.scalar_type() == torch::kInt32 && qvalues.dim() == 2 &&
@@ -679,6 +914,35 @@ torch::Tensor sparse24_quant_matmul_cpu(const torch::Tensor& x_in, const torch::
                                         : torch::mm(x, Wt.t());
       y.narrow(1, o0, n).copy_(yt);
     }
+    return y;
+  }
+
+  if (act_int8) {
+    TORCH_CHECK(i8_eligible(bits, in, group_size), op, ": int8 activations need in and group_size multiples of 64 "
+                "and an AVX2 CPU; got in=", in, ", group_size=", group_size, ", isa=", isa_name(active_isa()));
+    XScratch& xsc = x_scratch(rows, in, 0);
+    if (dtype == torch::kFloat32)
+      build_x_i8(x.data_ptr<float>(), x.stride(0), nullptr, rows, in, group_size, true, xsc.q.data(), xsc.d.data(),
+                 nullptr);
+    else
+      build_x_i8(x.data_ptr<c10::BFloat16>(), x.stride(0), nullptr, rows, in, group_size, true, xsc.q.data(),
+                 xsc.d.data(), nullptr);
+    torch::Tensor y = torch::empty({rows, out}, x.options());
+    torch::Tensor bf = bias.defined() ? bias.to(torch::kFloat32).contiguous() : torch::Tensor();
+    const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+    void* yp = y.data_ptr();
+    const bool ybf = dtype == torch::kBFloat16;
+    parallel_rows(out, rows * in / 2, [&](int64_t o0, int64_t o1) {
+      float res[kI8Tile];
+      for (int64_t o = o0; o < o1; ++o) {
+        for (int64_t b = 0; b < rows; b += kI8Tile) {
+          const int nb = static_cast<int>(std::min<int64_t>(kI8Tile, rows - b));
+          pick_s24_i8_row(nb)(qb + o * (in / 4), mp + o * (in / 16), sp + o * ngroups, zp + o * ngroups,
+                              xsc.q.data() + b * in, xsc.d.data() + b * (in / 8), in, group_size, ngroups, res);
+          for (int t = 0; t < nb; ++t) store_y(yp, ybf, (b + t) * out + o, res[t] + (bp ? bp[o] : 0.0f));
+        }
+      }
+    });
     return y;
   }
 

@@ -54,9 +54,21 @@ Ops
     y = x @ dequantize(packed).T + bias      (quant_matmul / sparse24_quant_matmul, any batch)
 
 `*_ref` (dequantize in fp32 + F.linear in fp32) is the oracle. `cpu`: csrc/cpu/quant.cpp, which
-reads each packed weight once for 1..16 rows of x (codes unpacked in registers, fp32 FMA; see its
-header) and dequantizes tiles for the dense GEMM above 16 rows. `triton`: kernels that unpack in
-registers (lmsqueeze/kernels/triton/quant.py), checked under TRITON_INTERPRET=1.
+reads each packed weight once for 1..16 rows of x (codes unpacked in registers; see its header) and
+dequantizes tiles for the dense GEMM above 16 rows. `triton`: kernels that unpack in registers
+(lmsqueeze/kernels/triton/quant.py), checked under TRITON_INTERPRET=1.
+
+Activations: `act`
+------------------
+"fp32": exact, x in fp32 against the dequantized weight (only the summation order differs from the
+reference). "int8": the 1..16-row C++ kernels round x to int8 per block of 32 columns (in the packed
+column order; scale = the block's max |x| / 127, round half to even) and take integer dot products
+with the 4-bit codes, as llama.cpp's Q4_0 x Q8_0 does; the result is exactly the reference of that
+rounded x (`quantize_act_int8`), up to fp32 summation. On SmolLM2's own weights and activations the
+rounding moves a layer's output by ~0.5% of its norm, an order below what 4-bit weights themselves do
+(docs/benchmarks.md, issue 19). It applies where `int8_act_applies` says (C++ backend, 4-bit, in and
+group size multiples of 64, at most 16 rows, an AVX2 CPU); elsewhere the exact path runs. The default
+is "int8"; `act="fp32"` or LMSQUEEZE_QUANT_ACT=fp32 keeps every call exact.
 """
 from __future__ import annotations
 
@@ -77,6 +89,10 @@ IMPLEMENTED = ("ref", "cpu", "triton")
 QUANT_BITS = (4, 8)
 SPARSE24_BITS = (4,)
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
+ACTS = ("fp32", "int8")
+ACT_BLOCK = 32          # columns of x per int8 scale
+I8_MULTIPLE = 64        # the int8 kernels take 64 columns a step: in and group_size must be multiples
+MAX_GEMV_ROWS = 16      # the C++ kernels' read-once path; more rows dequantize tiles for the dense GEMM
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -429,17 +445,74 @@ def _sparse24_dequantize(p: Sparse24QuantWeight, dtype) -> torch.Tensor:
     return W.reshape(out, cols).to(dtype)
 
 
+# ---- activations ----------------------------------------------------------------------------------
+def quant_act() -> str:
+    """The default `act`: LMSQUEEZE_QUANT_ACT if set ("fp32" or "int8"), else "int8"."""
+    act = os.environ.get("LMSQUEEZE_QUANT_ACT") or "int8"
+    if act not in ACTS:
+        raise LmsqueezeError(f"LMSQUEEZE_QUANT_ACT='{act}' is not an activation mode; valid: {', '.join(ACTS)}")
+    return act
+
+
+def _check_act(act: str | None) -> str:
+    if act is None:
+        return quant_act()
+    if act not in ACTS:
+        raise LmsqueezeError(f"act='{act}' is not an activation mode; valid: {', '.join(ACTS)}")
+    return act
+
+
+def int8_act_applies(packed: QuantWeight | Sparse24QuantWeight, rows: int, backend: str = "cpu") -> bool:
+    """Whether act="int8" rounds x for this weight, number of rows and backend (else the exact path runs)."""
+    if backend != "cpu" or packed.bits != 4 or rows > MAX_GEMV_ROWS:
+        return False
+    if packed.in_features % I8_MULTIPLE or packed.group_size % I8_MULTIPLE:
+        return False
+    return _ext.ext() is not None and _ext.ext().active_isa() != "generic"
+
+
+def quantize_act_int8(x: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, in] (in % 32 == 0) rounded as the int8 kernels round it, returned in fp32 and in x's column
+    order: per block of ACT_BLOCK consecutive columns of x[:, perm] (the packed order), d = max |x| / 127
+    (fp32), x ~= d * clamp(round_half_even(x / d), -127, 127); d = 0 gives 0. Source: llama.cpp's Q8_0 block
+    quantization (ggml-quants.c), here over the packed column order."""
+    rows, cols = x.shape
+    if cols % ACT_BLOCK:
+        raise LmsqueezeError(f"int8 activations round blocks of {ACT_BLOCK} columns; in={cols} is not a multiple")
+    xp = x.float() if perm is None else x.float()[:, perm]
+    b = xp.reshape(rows, cols // ACT_BLOCK, ACT_BLOCK)
+    d = b.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.where(d > 0, torch.round(b / torch.where(d > 0, d, 1.0)).clamp(-127, 127), 0.0)
+    xh = (q * d).reshape(rows, cols)
+    if perm is None:
+        return xh
+    out = torch.empty_like(xh)
+    out[:, perm] = xh
+    return out
+
+
 # ---- matmul ---------------------------------------------------------------------------------------
-def quant_matmul_ref(x: torch.Tensor, packed: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference: dequantize in fp32, F.linear in fp32, cast back to x's dtype."""
-    y = F.linear(x.float(), dequantize(packed), None if bias is None else bias.float())
+def quant_matmul_ref(x: torch.Tensor, packed: QuantWeight, bias: torch.Tensor | None = None,
+                     act: str = "fp32") -> torch.Tensor:
+    """Reference: dequantize in fp32, F.linear in fp32 (of x rounded by quantize_act_int8 when act="int8"),
+    cast back to x's dtype. x [..., in]."""
+    _check_act(act)
+    xf = x.float()
+    if act == "int8":
+        xf = quantize_act_int8(xf.reshape(-1, xf.shape[-1]), packed.perm).reshape(xf.shape)
+    y = F.linear(xf, dequantize(packed), None if bias is None else bias.float())
     return y.to(x.dtype)
 
 
 def sparse24_quant_matmul_ref(x: torch.Tensor, packed: Sparse24QuantWeight,
-                              bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference: dequantize (2:4 dense-with-zeros) in fp32, F.linear in fp32, cast back to x's dtype."""
-    y = F.linear(x.float(), dequantize(packed), None if bias is None else bias.float())
+                              bias: torch.Tensor | None = None, act: str = "fp32") -> torch.Tensor:
+    """Reference: dequantize (2:4 dense-with-zeros) in fp32, F.linear in fp32 (of x rounded by
+    quantize_act_int8 when act="int8"), cast back to x's dtype."""
+    _check_act(act)
+    xf = x.float()
+    if act == "int8":
+        xf = quantize_act_int8(xf.reshape(-1, xf.shape[-1])).reshape(xf.shape)
+    y = F.linear(xf, dequantize(packed), None if bias is None else bias.float())
     return y.to(x.dtype)
 
 
@@ -480,20 +553,23 @@ def _triton_ok(x) -> bool:
 
 
 def quant_matmul(x: torch.Tensor, packed: QuantWeight, bias: torch.Tensor | None = None,
-                 backend: str | None = None) -> torch.Tensor:
+                 backend: str | None = None, act: str | None = None) -> torch.Tensor:
     """y [..., out] = x [..., in] @ dequantize(packed).T + bias, in x's dtype.
 
     backend: None (auto: C++ on CPU, Triton on CUDA), "ref", "cpu" or "triton"; LMSQUEEZE_BACKEND
-    (or LMSQUEEZE_BACKEND_QUANT_MATMUL) forces one too."""
+    (or LMSQUEEZE_BACKEND_QUANT_MATMUL) forces one too. act: "int8" or "fp32" (module docstring;
+    None: quant_act()); "int8" changes the result only where int8_act_applies."""
     check_packed(packed)
     _check_x("quant_matmul", x, packed, bias)
+    act = _check_act(act)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     bias = None if bias is None else bias.to(x.dtype)
     chosen = _pick("quant_matmul", x, backend)
     if chosen == "cpu":
+        i8 = act == "int8" and int8_act_applies(packed, x2.shape[0])
         y = _ext.ext().quant_matmul_cpu(x2, packed.qweight, packed.scales, packed.zeros, packed.perm,
-                                        packed.in_features, packed.bits, packed.group_size, bias)
+                                        packed.in_features, packed.bits, packed.group_size, bias, i8)
     elif chosen == "triton":
         from lmsqueeze.kernels.triton.quant import quant_matmul_triton
 
@@ -504,17 +580,21 @@ def quant_matmul(x: torch.Tensor, packed: QuantWeight, bias: torch.Tensor | None
 
 
 def sparse24_quant_matmul(x: torch.Tensor, packed: Sparse24QuantWeight, bias: torch.Tensor | None = None,
-                          backend: str | None = None) -> torch.Tensor:
-    """y [..., out] = x [..., in] @ dequantize(packed).T + bias for a 2:4 + 4-bit weight, in x's dtype."""
+                          backend: str | None = None, act: str | None = None) -> torch.Tensor:
+    """y [..., out] = x [..., in] @ dequantize(packed).T + bias for a 2:4 + 4-bit weight, in x's dtype.
+
+    backend and act as in quant_matmul."""
     check_sparse24_packed(packed)
     _check_x("sparse24_quant_matmul", x, packed, bias)
+    act = _check_act(act)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     bias = None if bias is None else bias.to(x.dtype)
     chosen = _pick("sparse24_quant_matmul", x, backend)
     if chosen == "cpu":
+        i8 = act == "int8" and int8_act_applies(packed, x2.shape[0])
         y = _ext.ext().sparse24_quant_matmul_cpu(x2, packed.qvalues, packed.meta, packed.scales, packed.zeros,
-                                                 packed.bits, packed.group_size, bias)
+                                                 packed.bits, packed.group_size, bias, i8)
     elif chosen == "triton":
         from lmsqueeze.kernels.triton.quant import sparse24_quant_matmul_triton
 

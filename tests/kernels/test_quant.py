@@ -9,12 +9,14 @@ from lmsqueeze.kernels.quant import (
     QuantWeight,
     Sparse24QuantWeight,
     dequantize,
+    int8_act_applies,
     pack_codes,
     quant_grid,
     quant_matmul,
     quant_matmul_ref,
     quant_pack,
     quant_pack_codes,
+    quantize_act_int8,
     sparse24_quant_matmul,
     sparse24_quant_matmul_ref,
     sparse24_quant_pack,
@@ -128,24 +130,81 @@ def _w_ref(p, rows, dtype):
     return Wq.to(dtype).float() if rows > 16 else Wq
 
 
+def _x_seen(x, p, act):
+    """x as the CPU kernel multiplies it: rounded to int8 blocks where act="int8" applies (else x itself)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if act == "int8" and int8_act_applies(p, x2.shape[0]):
+        return quantize_act_int8(x2.float(), getattr(p, "perm", None)).reshape(x.shape)
+    return x
+
+
+@pytest.mark.parametrize("act", ["fp32", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows,out,cols,gs", SHAPES)
-def test_cpu_matches_reference(ext, rows, out, cols, gs, bits, dtype):
+@pytest.mark.parametrize("rows,out,cols,gs", SHAPES + [(2, 11, 128, 64), (5, 70, 320, -1)])
+def test_cpu_matches_reference(ext, rows, out, cols, gs, bits, dtype, act):
     p = quant_pack(weight(out, cols), bits=bits, group_size=gs, sym=bits == 8)
     x, b = _inputs(rows, out, cols, dtype)
-    y = quant_matmul(x, p, b, backend="cpu")
-    check(y, x, _w_ref(p, rows, dtype), b, dtype, f"cpu {bits}-bit {dtype} {rows}x{cols}->{out} g{gs}")
+    y = quant_matmul(x, p, b, backend="cpu", act=act)
+    check(y, _x_seen(x, p, act), _w_ref(p, rows, dtype), b, dtype,
+          f"cpu {bits}-bit {dtype} {rows}x{cols}->{out} g{gs} act {act}")
     assert torch.equal(quant_matmul(x, p, b, backend="ref"), quant_matmul_ref(x, p, b))
 
 
+@pytest.mark.parametrize("act", ["fp32", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 16, 17])
-def test_cpu_act_order(ext, rows, dtype):
+def test_cpu_act_order(ext, rows, dtype, act):
     cols, gs = 576, 128
     p = quant_pack(weight(29, cols), bits=4, group_size=gs, g_idx=act_order(cols, gs))
     x, b = _inputs(rows, 29, cols, dtype)
-    check(quant_matmul(x, p, b, backend="cpu"), x, _w_ref(p, rows, dtype), b, dtype, f"act-order {rows} rows")
+    check(quant_matmul(x, p, b, backend="cpu", act=act), _x_seen(x, p, act), _w_ref(p, rows, dtype), b, dtype,
+          f"act-order {rows} rows act {act}")
+
+
+# ---- int8 activations -----------------------------------------------------------------------------
+def test_quantize_act_int8_hand_computed():
+    # one block of 32: max |x| = 2.54 -> d = 0.02; 0.03 / 0.02 = 1.5 rounds half to even (2), -0.05 -> -2.5 -> -2
+    x = torch.zeros(1, 32)
+    x[0, :4] = torch.tensor([2.54, 0.03, -0.05, 0.011])
+    xh = quantize_act_int8(x)
+    d = torch.tensor(2.54) / 127
+    assert torch.equal(xh[0, :4], torch.tensor([127.0, 2.0, -2.0, 1.0]) * d)
+    assert torch.equal(xh[0, 4:], torch.zeros(28))
+    # an all-zero block stays zero; blocks are independent; a permutation blocks the packed order
+    x2 = torch.cat([torch.zeros(1, 32), torch.full((1, 32), 3.0)], 1)
+    assert torch.equal(quantize_act_int8(x2), x2)
+    perm = torch.arange(64).flip(0)
+    assert torch.equal(quantize_act_int8(x2, perm), x2)
+    with pytest.raises(LmsqueezeError, match="in=40 is not a multiple"):
+        quantize_act_int8(torch.randn(1, 40))
+
+
+def test_int8_act_changes_the_result_and_stays_close(ext):
+    # the int8 path must really run (its result differs from the exact one) and stay within 1% of it
+    for make, mm in [(lambda: quant_pack(weight(300, 576), group_size=128), quant_matmul),
+                     (lambda: sparse24_quant_pack(pruned(300, 576), group_size=128), sparse24_quant_matmul)]:
+        p = make()
+        x = torch.randn(3, 576)
+        assert int8_act_applies(p, 3) and not int8_act_applies(p, 17)
+        y8, y32 = mm(x, p, backend="cpu", act="int8"), mm(x, p, backend="cpu", act="fp32")
+        assert not torch.equal(y8, y32)
+        assert float((y8 - y32).norm() / y32.norm()) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_act_default_and_env(ext, monkeypatch, dtype):
+    p = quant_pack(weight(40, 128), group_size=64)
+    x, _ = _inputs(2, 40, 128, dtype)
+    y8 = quant_matmul(x, p, backend="cpu", act="int8")
+    assert torch.equal(quant_matmul(x, p, backend="cpu"), y8)           # default: int8
+    monkeypatch.setenv("LMSQUEEZE_QUANT_ACT", "fp32")
+    assert torch.equal(quant_matmul(x, p, backend="cpu"), quant_matmul(x, p, backend="cpu", act="fp32"))
+    monkeypatch.setenv("LMSQUEEZE_QUANT_ACT", "int4")
+    with pytest.raises(LmsqueezeError, match="LMSQUEEZE_QUANT_ACT='int4'.*valid: fp32, int8"):
+        quant_matmul(x, p, backend="cpu")
+    with pytest.raises(LmsqueezeError, match="act='fp16'"):
+        quant_matmul(x, p, act="fp16")
 
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
@@ -156,10 +215,12 @@ def test_cpu_fallback_isas(ext, isa, bits):
         for rows, out, cols, gs in [(1, 13, 200, 64), (5, 33, 576, 128), (3, 9, 80, 17)]:
             p = quant_pack(weight(out, cols), bits=bits, group_size=gs)
             x, b = _inputs(rows, out, cols, torch.float32)
-            check(quant_matmul(x, p, b, backend="cpu"), x, dequantize(p), b, torch.float32, f"{isa} {bits}-bit")
+            check(quant_matmul(x, p, b, backend="cpu"), _x_seen(x, p, "int8"), dequantize(p), b, torch.float32,
+                  f"{isa} {bits}-bit")
             p24 = sparse24_quant_pack(pruned(out, 576 if cols % 16 else cols), group_size=64)
             x, b = _inputs(rows, out, p24.in_features, torch.float32)
-            check(sparse24_quant_matmul(x, p24, b, backend="cpu"), x, dequantize(p24), b, torch.float32, f"{isa} 2:4")
+            check(sparse24_quant_matmul(x, p24, b, backend="cpu"), _x_seen(x, p24, "int8"), dequantize(p24), b,
+                  torch.float32, f"{isa} 2:4")
     finally:
         ext.set_isa_cap(prev)
 
@@ -167,11 +228,11 @@ def test_cpu_fallback_isas(ext, isa, bits):
 def test_strided_x_and_leading_dims(ext):
     p = quant_pack(weight(21, 128), bits=4, group_size=64)
     x = torch.randn(6, 256)[:, ::2]  # a strided view
-    check(quant_matmul(x, p, backend="cpu"), x, dequantize(p), None, torch.float32, "strided")
+    check(quant_matmul(x, p, backend="cpu"), _x_seen(x, p, "int8"), dequantize(p), None, torch.float32, "strided")
     x3 = torch.randn(2, 3, 128)
     y = quant_matmul(x3, p, backend="cpu")
     assert y.shape == (2, 3, 21)
-    check(y.reshape(6, 21), x3.reshape(6, 128), dequantize(p), None, torch.float32, "3-D x")
+    check(y.reshape(6, 21), _x_seen(x3.reshape(6, 128), p, "int8"), dequantize(p), None, torch.float32, "3-D x")
 
 
 # ---- 2:4 + 4-bit ----------------------------------------------------------------------------------
@@ -203,12 +264,15 @@ def test_sparse24_pack_codes_round_trip():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,out,cols,gs", [(1, 1, 64, 64), (1, 13, 64, 32), (3, 257, 192, 128),
-                                              (16, 33, 576, 128), (17, 13, 576, 128), (5, 7, 208, 48)])
-def test_sparse24_cpu_matches_reference(ext, rows, out, cols, gs, dtype):
+                                              (16, 33, 576, 128), (17, 13, 576, 128), (5, 7, 208, 48),
+                                              (7, 19, 320, -1), (4, 5, 1536, 64)])
+@pytest.mark.parametrize("act", ["fp32", "int8"])
+def test_sparse24_cpu_matches_reference(ext, rows, out, cols, gs, dtype, act):
     p = sparse24_quant_pack(pruned(out, cols), group_size=gs, sym=gs == 48)
     x, b = _inputs(rows, out, cols, dtype)
-    y = sparse24_quant_matmul(x, p, b, backend="cpu")
-    check(y, x, _w_ref(p, rows, dtype), b, dtype, f"2:4+4-bit cpu {dtype} {rows}x{cols}->{out} g{gs}")
+    y = sparse24_quant_matmul(x, p, b, backend="cpu", act=act)
+    check(y, _x_seen(x, p, act), _w_ref(p, rows, dtype), b, dtype,
+          f"2:4+4-bit cpu {dtype} {rows}x{cols}->{out} g{gs} act {act}")
     assert torch.equal(sparse24_quant_matmul(x, p, b, backend="ref"), sparse24_quant_matmul_ref(x, p, b))
 
 
@@ -290,3 +354,5 @@ def test_cpu_kernel_checks_its_operands(ext):
         ext.quant_matmul_cpu(x, p.qweight, p.scales, p.zeros.to(torch.int32), None, 64, 4, 32, None)
     with pytest.raises(RuntimeError, match="perm values"):
         ext.quant_matmul_cpu(x, p.qweight, p.scales, p.zeros, torch.full((64,), 64), 64, 4, 32, None)
+    with pytest.raises(RuntimeError, match="int8 activations need 4-bit codes, in and group_size multiples of 64"):
+        ext.quant_matmul_cpu(x, p.qweight, p.scales, p.zeros, None, 64, 4, 32, None, True)
