@@ -22,6 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["avx512_fp16"] = f.avx512_fp16;
     d["amx_tile"] = f.amx_tile;
     d["amx_bf16"] = f.amx_bf16;
+    d["amx_usable"] = lmsqueeze::amx_usable();  // the above, plus Linux's permission for tile data
     return d;
   }, "CPU features usable by this process (CPU flag and OS state both present)");
   m.def("active_isa", []() { return lmsqueeze::isa_name(lmsqueeze::active_isa()); },
@@ -43,6 +44,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hessian_update_cpu", &lmsqueeze::hessian_update_cpu, py::arg("H"), py::arg("x"), py::arg("nsamples"),
         py::arg("mask") = py::none());
   m.def("hessian_finalize_cpu", &lmsqueeze::hessian_finalize_cpu, py::arg("H"));
+  m.def("hessian_update_tiles_emulated_cpu", &lmsqueeze::hessian_update_tiles_emulated_cpu, py::arg("H"), py::arg("x"),
+        py::arg("nsamples"), py::arg("mask") = py::none(),
+        "tests only: the AMX hessian_update path with its tile instructions emulated in scalar C++");
+  m.def("hessian_update_cpu_path", &lmsqueeze::hessian_update_cpu_path, py::arg("dtype"),
+        "the kernel hessian_update_cpu runs now for x of this dtype: amx, avx512-bf16 or fp32-gemm");
+  m.def("amx_why_not", &lmsqueeze::amx_why_not, "why AMX tiles are not usable here ('' when they are)");
   m.def("rowwise_mask_cpu", &lmsqueeze::rowwise_mask_cpu, py::arg("scores"), py::arg("k"), py::arg("out") = py::none());
   m.def("nm_mask_cpu", &lmsqueeze::nm_mask_cpu, py::arg("scores"), py::arg("n"), py::arg("m"),
         py::arg("out") = py::none());

@@ -21,6 +21,12 @@ int64_t hessian_update_cpu(torch::Tensor H, const torch::Tensor& x, int64_t nsam
                            const std::optional<torch::Tensor>& mask);
 // Mirror the lower triangle of H onto the upper one, in place.
 void hessian_finalize_cpu(torch::Tensor H);
+// The AMX path (bf16 x) with its tile instructions emulated in scalar C++: tests of the packing, blocking and
+// fold on CPUs without AMX. Slow; not a backend.
+int64_t hessian_update_tiles_emulated_cpu(torch::Tensor H, const torch::Tensor& x, int64_t nsamples,
+                                          const std::optional<torch::Tensor>& mask);
+// Which kernel hessian_update_cpu runs for x of `dtype` ("bfloat16", ...) now: amx, avx512-bf16 or fp32-gemm.
+std::string hessian_update_cpu_path(const std::string& dtype);
 
 // KEEP masks (true = kept). Ties: among equal scores the lower column index is pruned first.
 // rowwise: prune exactly k entries per row of scores [rows, cols] (fp32).

@@ -34,6 +34,9 @@ def backend_report() -> dict:
     if C is not None:
         rep["cpp_extension"]["cpu_features"] = dict(C.cpu_features())
         rep["cpp_extension"]["active_isa"] = C.active_isa()
+        if hasattr(C, "amx_why_not"):  # AMX tiles for hessian_update: usable, or why not
+            rep["cpp_extension"]["amx"] = C.amx_why_not() or "usable"
+            rep["cpp_extension"]["hessian_update_bf16"] = C.hessian_update_cpu_path("bfloat16")
     return rep
 
 

@@ -1,6 +1,13 @@
 #include "cpu/cpu_features.h"
 
+#include <cerrno>
+#include <cstring>
 #include <stdexcept>
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -56,6 +63,45 @@ Isa best_isa() {
 
 Isa g_cap = best_isa();
 
+struct AmxState {
+  bool usable = false;
+  std::string why;
+};
+
+// Linux keeps the 8 KiB tile data state (XTILEDATA, XSAVE component 18) disabled per process (XFD) until
+// the process asks for it: without the request the first tile instruction raises SIGILL. Asked once;
+// the permission then holds for every thread of the process (Linux 5.16+,
+// Documentation/arch/x86/xstate.rst).
+AmxState probe_amx() {
+  AmxState s;
+  const CpuFeatures& f = cpu_features();
+  if (!f.amx_tile || !f.amx_bf16) {
+    s.why = "the CPU (or the OS's XCR0) has no AMX-BF16 tiles";
+    return s;
+  }
+  if (!(f.avx512f && f.avx512bw && f.avx512vl)) {
+    s.why = "AMX without AVX-512F/BW/VL";
+    return s;
+  }
+#if defined(LMSQUEEZE_X86) && defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long kArchReqXcompPerm = 0x1023;  // ARCH_REQ_XCOMP_PERM, arch/x86/include/uapi/asm/prctl.h
+  constexpr long kXfeatureXtiledata = 18;     // XFEATURE_XTILEDATA
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) {
+    s.why = std::string("Linux refused the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM): ") + std::strerror(errno);
+    return s;
+  }
+  s.usable = true;
+#else
+  s.why = "the tile data permission request (arch_prctl) is Linux/x86-64 only";
+#endif
+  return s;
+}
+
+const AmxState& amx_state() {
+  static const AmxState s = probe_amx();
+  return s;
+}
+
 }  // namespace
 
 const CpuFeatures& cpu_features() {
@@ -64,6 +110,10 @@ const CpuFeatures& cpu_features() {
 }
 
 Isa active_isa() { return g_cap; }
+
+bool amx_usable() { return amx_state().usable; }
+
+std::string amx_why_not() { return amx_state().why; }
 
 std::string isa_name(Isa isa) {
   switch (isa) {

@@ -28,4 +28,10 @@ Isa active_isa();
 std::string set_isa_cap(const std::string& name);
 std::string isa_name(Isa isa);
 
+// AMX-BF16 tiles usable by this process: the CPU has them (amx_tile, amx_bf16, AVX-512 for the rest of the
+// kernel) and Linux granted the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once, on first call).
+// Kernels use AMX only while the ISA cap is avx512. amx_why_not() is "" when usable, else the reason.
+bool amx_usable();
+std::string amx_why_not();
+
 }  // namespace lmsqueeze

@@ -30,6 +30,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -185,6 +187,180 @@ void hessian_bf16_avx512(float* H, const uint16_t* x, const int64_t* rowsel, int
   }
 }
 
+// ---- AMX tiles (Sapphire Rapids and later) -------------------------------------------------------
+// TDPBF16PS (Intel SDM): C[16 x 16 fp32] += A[16 rows x 32 bf16] . B[16 pair rows x 16 bf16 pairs], i.e.
+// C[i][j] += sum_k A[i][2k] * B[k][j].lo + A[i][2k+1] * B[k][j].hi, each product exact, sums in fp32.
+// For H = X^T X the K dimension is tokens: A's rows are features (X^T, "arow" below: one 64-byte row =
+// 16 token pairs of one feature), B's rows are token pairs over 16 features ("bpan": the same pair
+// panels as the AVX-512 path). Eight tile registers: four C tiles make a 32 x 32 block of H, two A
+// tiles and two B tiles feed them, so each loaded tile is used twice. Blocks on the diagonal compute
+// their upper C tile too (1/8 of the work at d = 4096) but only the lower triangle is written. The
+// fp32 tile sums are folded into H every kAmxKc pairs (256 tokens), as in the AVX-512 path.
+// One TDPBF16PS is 16 x 16 x 32 multiply-adds (16K FLOP); Intel gives 16 cycles for it, 1024 FLOP a
+// cycle a core, ~8x vdpbf16ps. NOT RUN on any machine this was written on (none had AMX): the tile
+// instructions are the only part the CPU tests cannot reach; EmulatedTiles runs the rest (packing,
+// blocking, fold) through the same template.
+constexpr int64_t kTile = 16;     // rows and fp32 columns of a C tile
+constexpr int64_t kTileK = 16;    // token pairs per tile step: one 64-byte A row (32 bf16 tokens)
+constexpr int64_t kAmxKc = 128;   // token pairs per fold into H (multiple of kTileK)
+constexpr int64_t kBlock = 2 * kTile;
+
+#define LMSQ_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-bf16")))
+
+struct alignas(64) TileConfig {  // the 64-byte LDTILECFG operand, palette 1
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];  // bytes per row of tile t
+  uint8_t rows[16];
+};
+
+// Tile numbers are immediates inside the instructions (GCC's _tile_* macros paste them into inline
+// asm), so the kernel's tile use is spelled out once: C tiles 0-3, A tiles 4-5, B tiles 6-7.
+struct AmxTiles {
+  LMSQ_AMX_TARGET static void configure() {
+    TileConfig cfg;
+    std::memset(&cfg, 0, sizeof(cfg));
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; ++t) {
+      cfg.rows[t] = kTile;
+      cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+  }
+  LMSQ_AMX_TARGET static void release() { _tile_release(); }
+  static void zero_acc() {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  // C[r][c] += A_r . B_c for r, c in {0, 1}: rows of A at a0/a1 (a_stride bytes apart), B tiles at b0/b1
+  static void step(const uint32_t* a0, const uint32_t* a1, const uint32_t* b0, const uint32_t* b1, int64_t a_stride) {
+    _tile_loadd(4, a0, a_stride);
+    _tile_loadd(5, a1, a_stride);
+    _tile_loadd(6, b0, 64);
+    _tile_loadd(7, b1, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  static void store_acc(float* acc) {  // [4][16][16]
+    _tile_stored(0, acc, 64);
+    _tile_stored(1, acc + 256, 64);
+    _tile_stored(2, acc + 512, 64);
+    _tile_stored(3, acc + 768, 64);
+  }
+};
+
+// The same instructions in scalar C++, one 1 KiB buffer per tile register: how the CPU tests check the
+// AMX path's packing, blocking and fold on machines without AMX (hessian_update_tiles_emulated_cpu).
+struct EmulatedTiles {
+  static inline thread_local uint32_t reg[8][kTile][kTile];  // 16 rows x 64 bytes each
+  static void configure() {}
+  static void release() {}
+  static void zero_acc() { std::memset(reg, 0, 4 * sizeof(reg[0])); }
+  static void load(int t, const uint32_t* p, int64_t stride_bytes) {
+    for (int64_t r = 0; r < kTile; ++r) std::memcpy(reg[t][r], reinterpret_cast<const char*>(p) + r * stride_bytes, 64);
+  }
+  static float bf16_lo(uint32_t w) { const uint32_t u = w << 16; float f; std::memcpy(&f, &u, 4); return f; }
+  static float bf16_hi(uint32_t w) { const uint32_t u = w & 0xFFFF0000u; float f; std::memcpy(&f, &u, 4); return f; }
+  static void dot(int c, int a, int b) {  // TDPBF16PS
+    for (int64_t i = 0; i < kTile; ++i)
+      for (int64_t j = 0; j < kTile; ++j) {
+        float acc;
+        std::memcpy(&acc, &reg[c][i][j], 4);
+        for (int64_t k = 0; k < kTileK; ++k)
+          acc += bf16_lo(reg[a][i][k]) * bf16_lo(reg[b][k][j]) + bf16_hi(reg[a][i][k]) * bf16_hi(reg[b][k][j]);
+        std::memcpy(&reg[c][i][j], &acc, 4);
+      }
+  }
+  static void step(const uint32_t* a0, const uint32_t* a1, const uint32_t* b0, const uint32_t* b1, int64_t a_stride) {
+    load(4, a0, a_stride);
+    load(5, a1, a_stride);
+    load(6, b0, 64);
+    load(7, b1, 64);
+    dot(0, 4, 6);
+    dot(1, 4, 7);
+    dot(2, 5, 6);
+    dot(3, 5, 7);
+  }
+  static void store_acc(float* acc) { std::memcpy(acc, reg, 4 * sizeof(reg[0])); }
+};
+
+// bpan[q][p][l] and arow[i][p]: the word (x[2p, i], x[2p+1, i]) as two bf16 (low half: the even token),
+// with i = 16q + l; zero past m rows, past d columns (up to dpad) and past the pairs (up to pairs_pad).
+void pack_tiles(const uint16_t* __restrict__ x,     // [rows, d] bf16 bits, row stride `stride`
+                const int64_t* __restrict__ rowsel,  // [m] valid row indices or nullptr
+                int64_t m, int64_t d, int64_t stride, int64_t pairs_pad, int64_t dpad,
+                uint32_t* __restrict__ bpan,         // [dpad / 16, pairs_pad, 16]
+                uint32_t* __restrict__ arow) {       // [dpad, pairs_pad]
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < pairs_pad; ++p) {
+    const int64_t t0 = 2 * p, t1 = 2 * p + 1;
+    const uint16_t* r0 = t0 < m ? x + (rowsel ? rowsel[t0] : t0) * stride : nullptr;
+    const uint16_t* r1 = t1 < m ? x + (rowsel ? rowsel[t1] : t1) * stride : nullptr;
+    for (int64_t i = 0; i < dpad; ++i) {
+      const uint32_t lo = r0 && i < d ? r0[i] : 0u, hi = r1 && i < d ? r1[i] : 0u;
+      const uint32_t w = lo | (hi << 16);
+      bpan[((i / kTile) * pairs_pad + p) * kTile + i % kTile] = w;
+      arow[i * pairs_pad + p] = w;
+    }
+  }
+}
+
+template <class Tiles>
+void hessian_bf16_tiles(float* __restrict__ H,         // [d, d] row-major, lower triangle written
+                        const uint16_t* x, const int64_t* rowsel, int64_t m, int64_t d, int64_t stride,
+                        float a, float b) {
+  const int64_t pairs = (m + 1) / 2;
+  const int64_t pairs_pad = (pairs + kTileK - 1) / kTileK * kTileK;
+  const int64_t dpad = (d + kBlock - 1) / kBlock * kBlock;
+  const size_t words = static_cast<size_t>(dpad * pairs_pad);
+  uint32_t* bpan = pack_workspace(2 * words);
+  uint32_t* arow = bpan + words;
+  pack_tiles(x, rowsel, m, d, stride, pairs_pad, dpad, bpan, arow);
+
+  const int64_t nb = dpad / kBlock;
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (row block, column block), lower triangle
+  for (int64_t bi = 0; bi < nb; ++bi)
+    for (int64_t bj = 0; bj <= bi; ++bj) blocks.emplace_back(bi, bj);
+  const int64_t nblocks = static_cast<int64_t>(blocks.size());
+  const int64_t a_stride = pairs_pad * 4;  // bytes between A rows (features)
+#pragma omp parallel
+  {
+    Tiles::configure();  // per thread: the tile configuration is thread state
+    alignas(64) float acc[4][kTile][kTile];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < nblocks; ++t) {
+      const int64_t I0 = blocks[t].first * kBlock, J0 = blocks[t].second * kBlock;
+      const uint32_t* a0 = arow + I0 * pairs_pad;
+      const uint32_t* a1 = arow + (I0 + kTile) * pairs_pad;
+      const uint32_t* b0 = bpan + (J0 / kTile) * pairs_pad * kTile;
+      const uint32_t* b1 = bpan + (J0 / kTile + 1) * pairs_pad * kTile;
+      for (int64_t p0 = 0; p0 < pairs_pad; p0 += kAmxKc) {
+        const int64_t p1 = std::min(pairs_pad, p0 + kAmxKc);
+        Tiles::zero_acc();
+        for (int64_t p = p0; p < p1; p += kTileK) Tiles::step(a0 + p, a1 + p, b0 + p * kTile, b1 + p * kTile, a_stride);
+        Tiles::store_acc(&acc[0][0][0]);
+        const bool first = p0 == 0;
+        for (int c = 0; c < 4; ++c) {  // tile c: rows I0 + 16 (c / 2), columns J0 + 16 (c % 2)
+          for (int64_t r = 0; r < kTile; ++r) {
+            const int64_t i = I0 + kTile * (c / 2) + r;
+            if (i >= d) break;
+            const int64_t j0 = J0 + kTile * (c % 2);
+            const int64_t j1 = std::min({j0 + kTile, i + 1, d});  // lower triangle, inside H
+            float* h = H + i * d;
+            for (int64_t j = j0; j < j1; ++j) h[j] = first ? a * h[j] + b * acc[c][r][j - j0] : h[j] + b * acc[c][r][j - j0];
+          }
+        }
+      }
+    }
+    Tiles::release();
+  }
+}
+
 // One-triangle blocked update through torch's fp32 GEMM: block row I gets H[I, :I_end].
 void hessian_fp32_blocked(torch::Tensor H, const torch::Tensor& xv, double a, double b) {
   const int64_t d = H.size(0);
@@ -198,43 +374,87 @@ void hessian_fp32_blocked(torch::Tensor H, const torch::Tensor& xv, double a, do
 
 }  // namespace
 
-int64_t hessian_update_cpu(torch::Tensor H, const torch::Tensor& x_in, int64_t nsamples,
-                           const std::optional<torch::Tensor>& mask_in) {
-  TORCH_CHECK(H.device().is_cpu() && x_in.device().is_cpu(), "hessian_update_cpu: H and x must be CPU tensors");
-  TORCH_CHECK(H.scalar_type() == torch::kFloat32, "hessian_update_cpu: H must be float32, got ", H.scalar_type());
-  TORCH_CHECK(H.dim() == 2 && H.size(0) == H.size(1) && H.is_contiguous(),
-              "hessian_update_cpu: H must be a contiguous square matrix");
-  TORCH_CHECK(x_in.dim() >= 1, "hessian_update_cpu: x must have at least one dimension");
-  TORCH_CHECK(nsamples >= 0, "hessian_update_cpu: nsamples must be >= 0, got ", nsamples);
+namespace {
+
+// The checked 2-D view of x ([rows, d], unit column stride) and the valid row indices (undefined: all).
+struct Prepared {
+  torch::Tensor x, rowsel;
+  int64_t m = 0;
+  double a = 1.0, b = 0.0;
+};
+
+Prepared prepare(const char* op, const torch::Tensor& H, const torch::Tensor& x_in, int64_t nsamples,
+                 const std::optional<torch::Tensor>& mask_in) {
+  TORCH_CHECK(H.device().is_cpu() && x_in.device().is_cpu(), op, ": H and x must be CPU tensors");
+  TORCH_CHECK(H.scalar_type() == torch::kFloat32, op, ": H must be float32, got ", H.scalar_type());
+  TORCH_CHECK(H.dim() == 2 && H.size(0) == H.size(1) && H.is_contiguous(), op, ": H must be a contiguous square matrix");
+  TORCH_CHECK(x_in.dim() >= 1, op, ": x must have at least one dimension");
+  TORCH_CHECK(nsamples >= 0, op, ": nsamples must be >= 0, got ", nsamples);
   const int64_t d = x_in.size(-1);
-  TORCH_CHECK(H.size(0) == d, "hessian_update_cpu: H is ", H.size(0), " x ", H.size(0), " but x has ", d, " columns");
+  TORCH_CHECK(H.size(0) == d, op, ": H is ", H.size(0), " x ", H.size(0), " but x has ", d, " columns");
   const auto dtype = x_in.scalar_type();
   TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kHalf,
-              "hessian_update_cpu: x must be float32, bfloat16 or float16, got ", dtype);
-  torch::Tensor x = x_in.reshape({-1, d});
-  if (x.stride(1) != 1) x = x.contiguous();
-  const int64_t rows = x.size(0);
-  torch::Tensor rowsel;  // int64 [m] indices of the valid rows, when there is a mask
-  int64_t m = rows;
+              op, ": x must be float32, bfloat16 or float16, got ", dtype);
+  Prepared p;
+  p.x = x_in.reshape({-1, d});
+  if (p.x.stride(1) != 1) p.x = p.x.contiguous();
+  const int64_t rows = p.x.size(0);
+  p.m = rows;
   if (mask_in.has_value() && mask_in->defined()) {
-    TORCH_CHECK(mask_in->numel() == rows, "hessian_update_cpu: mask has ", mask_in->numel(), " entries but x has ",
-                rows, " rows");
-    rowsel = mask_in->reshape({-1}).to(torch::kBool).nonzero().reshape({-1}).contiguous();
-    m = rowsel.size(0);
+    TORCH_CHECK(mask_in->numel() == rows, op, ": mask has ", mask_in->numel(), " entries but x has ", rows, " rows");
+    // indices, not a gathered copy: the bf16 kernels read the valid rows in place while packing
+    p.rowsel = mask_in->reshape({-1}).to(torch::kBool).nonzero().reshape({-1}).contiguous();
+    p.m = p.rowsel.size(0);
   }
-  if (m == 0) return nsamples;
-  const double a = static_cast<double>(nsamples) / static_cast<double>(nsamples + m);
-  const double b = 2.0 / static_cast<double>(nsamples + m);
+  if (p.m > 0) {
+    p.a = static_cast<double>(nsamples) / static_cast<double>(nsamples + p.m);
+    p.b = 2.0 / static_cast<double>(nsamples + p.m);
+  }
+  return p;
+}
+
+template <class Tiles>
+void run_tiles(torch::Tensor& H, const Prepared& p) {
+  hessian_bf16_tiles<Tiles>(H.data_ptr<float>(), reinterpret_cast<const uint16_t*>(p.x.data_ptr<c10::BFloat16>()),
+                            p.rowsel.defined() ? p.rowsel.data_ptr<int64_t>() : nullptr, p.m, H.size(0),
+                            p.x.stride(0), static_cast<float>(p.a), static_cast<float>(p.b));
+}
+
+}  // namespace
+
+int64_t hessian_update_cpu(torch::Tensor H, const torch::Tensor& x_in, int64_t nsamples,
+                           const std::optional<torch::Tensor>& mask_in) {
+  const Prepared p = prepare("hessian_update_cpu", H, x_in, nsamples, mask_in);
+  if (p.m == 0) return nsamples;
   const auto& f = cpu_features();
-  if (dtype == torch::kBFloat16 && active_isa() == kAvx512 && f.avx512_bf16) {
-    hessian_bf16_avx512(H.data_ptr<float>(), reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()),
-                        rowsel.defined() ? rowsel.data_ptr<int64_t>() : nullptr, m, d, x.stride(0),
-                        static_cast<float>(a), static_cast<float>(b));
+  const bool bf16 = p.x.scalar_type() == torch::kBFloat16;
+  if (bf16 && active_isa() == kAvx512 && amx_usable()) {
+    run_tiles<AmxTiles>(H, p);
+  } else if (bf16 && active_isa() == kAvx512 && f.avx512_bf16) {
+    hessian_bf16_avx512(H.data_ptr<float>(), reinterpret_cast<const uint16_t*>(p.x.data_ptr<c10::BFloat16>()),
+                        p.rowsel.defined() ? p.rowsel.data_ptr<int64_t>() : nullptr, p.m, H.size(0), p.x.stride(0),
+                        static_cast<float>(p.a), static_cast<float>(p.b));
   } else {
-    torch::Tensor xv = rowsel.defined() ? x.index_select(0, rowsel) : x;
-    hessian_fp32_blocked(H, xv.to(torch::kFloat32), a, b);
+    torch::Tensor xv = p.rowsel.defined() ? p.x.index_select(0, p.rowsel) : p.x;
+    hessian_fp32_blocked(H, xv.to(torch::kFloat32), p.a, p.b);
   }
-  return nsamples + m;
+  return nsamples + p.m;
+}
+
+int64_t hessian_update_tiles_emulated_cpu(torch::Tensor H, const torch::Tensor& x, int64_t nsamples,
+                                          const std::optional<torch::Tensor>& mask) {
+  const Prepared p = prepare("hessian_update_tiles_emulated_cpu", H, x, nsamples, mask);
+  TORCH_CHECK(p.x.scalar_type() == torch::kBFloat16, "hessian_update_tiles_emulated_cpu: the AMX path takes bf16 x, got ",
+              p.x.scalar_type());
+  if (p.m == 0) return nsamples;
+  run_tiles<EmulatedTiles>(H, p);
+  return nsamples + p.m;
+}
+
+std::string hessian_update_cpu_path(const std::string& dtype) {
+  if (dtype == "bfloat16" && active_isa() == kAvx512 && amx_usable()) return "amx";
+  if (dtype == "bfloat16" && active_isa() == kAvx512 && cpu_features().avx512_bf16) return "avx512-bf16";
+  return "fp32-gemm";
 }
 
 void hessian_finalize_cpu(torch::Tensor H) {

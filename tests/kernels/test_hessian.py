@@ -203,3 +203,50 @@ def test_triton_gpu_path_compiles_for_sm90():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_HESSIAN], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# The AMX path (csrc/cpu/hessian.cpp, AmxTiles) with its tile instructions emulated in scalar C++: its packing
+# (pair panels and feature rows, padded to 16 pairs and 32 features), 32 x 32 blocking and fold into H are
+# what this checks; the tile instructions themselves run only on a CPU with AMX. 600 tokens: 300 pairs, past
+# two 128-pair folds with a padded tail; d = 64: whole blocks; d = 1, 7, 33, 257, 769: partial ones.
+@pytest.mark.parametrize("lead,d", SHAPES + [((600,), 64)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_amx_path_emulated_matches_ref(ext, lead, d, masked):
+    x, mask, H0 = _inputs(lead, d, torch.bfloat16, masked)
+    H_fast, H_ref = H0.clone(), H0.clone()
+    upper = torch.triu(H_fast, 1).clone()
+    assert ext.hessian_update_tiles_emulated_cpu(H_fast, x, 17, mask) == hessian_update_ref(H_ref, x, 17, mask)
+    assert torch.equal(torch.triu(H_fast, 1), upper), "the AMX path wrote above the diagonal"
+    hessian_finalize(H_fast)
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    assert_close(H_fast, H_ref, atol=atol * float(H_ref.abs().max()), rtol=rtol, name=f"amx-emulated {lead}x{d}")
+
+
+def test_amx_path_emulated_strided_and_batched(ext):
+    base = torch.randn(70, 300, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    x = base[:, ::3]  # 100 columns, column stride 3
+    H_inc, n = torch.zeros(100, 100), 0
+    for part in (x[:33], x[33:34], x[34:]):
+        n = ext.hessian_update_tiles_emulated_cpu(H_inc, part, n)
+    hessian_finalize(H_inc)
+    H_all = torch.zeros(100, 100)
+    hessian_update_ref(H_all, x.contiguous(), 0)
+    assert n == 70
+    assert_close(H_inc, H_all, atol=1e-5 * float(H_all.abs().max()), rtol=1e-5)
+
+
+def test_amx_is_chosen_only_where_usable(ext):
+    feats = dict(ext.cpu_features())
+    with open("/proc/cpuinfo") as f:
+        has_amx = " amx_bf16" in f.read()
+    path = ext.hessian_update_cpu_path("bfloat16")
+    if not has_amx:  # AMD and older Intel: never the AMX path, and `lmsqueeze info` says why
+        assert not feats["amx_usable"] and path != "amx" and ext.amx_why_not()
+    else:
+        assert (path == "amx") == feats["amx_usable"]
+    assert ext.hessian_update_cpu_path("float32") == "fp32-gemm"
+    prev = ext.set_isa_cap("avx2")
+    try:  # the ISA cap the other tests use to reach fallbacks turns AMX off too
+        assert ext.hessian_update_cpu_path("bfloat16") == "fp32-gemm"
+    finally:
+        ext.set_isa_cap(prev)
