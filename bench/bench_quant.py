@@ -16,7 +16,8 @@ decode     greedy tokens/s of a randomly initialised model with Llama-2-7B's sha
            layers (weights in DRAM): dense bf16, dense fp32, 2:4, 4-bit g128, 2:4 + 4-bit g128, every
            decoder linear converted; the 4-bit forms quantize lm_head too (4-bit, not 2:4), as a GGUF
            Q4_0 file does, the 2:4 form keeps it dense bf16; embeddings stay bf16 (one row a token). Each packed model is
-           validated first: its last-position logits against its fake-quantized dense model in fp32,
+           validated first: its last-position logits against its fake-quantized dense model in fp32
+           (whose packed layers round their input as the int8-activation kernels do, where those apply),
            no further off than the dense bf16 model is from its own fp32 copy (2x, plus 0.1% of scale).
 llamacpp   the outside anchor: the same 2:4-pruned Llama-2-7B-shaped model written as a pure Q4_0 GGUF
            (every matrix, the embedding and the head too; norms fp32) and decoded greedily by llama.cpp
@@ -43,8 +44,11 @@ from bench.harness import ROOT, Case, parser, run
 from lmsqueeze.kernels import nm_mask
 from lmsqueeze.kernels.quant import (
     dequantize,
+    int8_act_applies,
+    quant_act,
     quant_matmul,
     quant_pack,
+    quantize_act_int8,
     sparse24_quant_matmul,
     sparse24_quant_pack,
 )
@@ -56,6 +60,13 @@ SMOLLM2 = [(576, 576), (1536, 576), (576, 1536)]         # q/o, gate/up, down
 BATCHES = (1, 4, 16)
 BF16_TOL = (1e-4, 2 ** -7)  # two fp32-accumulating paths rounded to bf16: one ulp apart at most
 GROUP = 128
+
+
+def _x_seen(x: torch.Tensor, packed) -> torch.Tensor:
+    """x [rows, in] as the C++ kernel multiplies it: rounded to int8 blocks where int8 activations apply."""
+    if quant_act() == "int8" and int8_act_applies(packed, x.shape[0]):
+        return quantize_act_int8(x.float(), getattr(packed, "perm", None))
+    return x
 
 
 def _pruned(out, cols, seed=0):
@@ -80,8 +91,10 @@ def gemv_cases(quick: bool) -> list[Case]:
             group = f"{out}x{cols} batch {batch}"
             params = {"out": out, "in": cols, "batch": batch, "threads": torch.get_num_threads()}
 
-            def checker(Wref, x=x):
-                expected = F.linear(x.float(), Wref.float()).to(torch.bfloat16)
+            def checker(Wref, x=x, packed=None):
+                # the packed kernels multiply x as rounded by int8 activations where those apply
+                xs = _x_seen(x, packed) if packed is not None else x
+                expected = F.linear(xs.float(), Wref.float()).to(torch.bfloat16)
                 scale = float(expected.float().abs().max())
                 return lambda y: compare(y.to(torch.bfloat16), expected, atol=BF16_TOL[0] * scale, rtol=BF16_TOL[1])
 
@@ -99,10 +112,10 @@ def gemv_cases(quick: bool) -> list[Case]:
                               baseline="dense F.linear bf16"))
             # rows > 16 run dense GEMM on a bf16 tile; <= 16 the fp32 dequantized weight is the reference
             cases.append(Case("4-bit g128", group, lambda x=x, p=q4: quant_matmul(x, p, backend="cpu"),
-                              dict(params, dtype="bf16", bits=4, group_size=GROUP), check=checker(dequantize(q4)),
+                              dict(params, dtype="bf16", bits=4, group_size=GROUP), check=checker(dequantize(q4), packed=q4),
                               bytes=q4.nbytes() + xb, flops=flops, baseline="dense F.linear bf16"))
             cases.append(Case("2:4 + 4-bit g128", group, lambda x=x, p=s24q4: sparse24_quant_matmul(x, p, backend="cpu"),
-                              dict(params, dtype="bf16", bits=4, group_size=GROUP), check=checker(dequantize(s24q4)),
+                              dict(params, dtype="bf16", bits=4, group_size=GROUP), check=checker(dequantize(s24q4), packed=s24q4),
                               bytes=s24q4.nbytes() + xb, flops=flops // 2, baseline="dense F.linear bf16"))
     return cases
 
@@ -169,7 +182,14 @@ def decode_cases(name: str, model, prompt: torch.Tensor, tokens: int) -> list[Ca
 
     def validated(packed_model):
         ref_model = copy.deepcopy(packed_model)
+        rows = prompt.shape[1]
+        # layers whose kernel rounds x to int8 for the prompt's rows: the reference rounds their input alike
+        rounded = {n for n, m in packed_model.named_modules()
+                   if hasattr(m, "packed") and quant_act() == "int8" and int8_act_applies(m.packed, rows)}
         fake_quantize_model(ref_model)
+        for n in rounded:
+            ref_model.get_submodule(n).register_forward_pre_hook(
+                lambda _, a: (quantize_act_int8(a[0].reshape(-1, a[0].shape[-1]).float()).reshape(a[0].shape),))
         reference = last_logits(ref_model.float())
         del ref_model
         scale = float(reference.abs().max())
