@@ -26,10 +26,11 @@
 // compiled and written to the same layouts, but only the AVX2 and generic paths were run there
 // (tests/kernels/test_quant.py runs whichever the machine has, and caps the ISA to reach the others).
 // Accumulation is fp32 throughout (products of small integers and x are exact in fp32; only the
-// summation order differs from the reference). No VNNI int8 dot products: they would need x
-// quantized per row to int8, an error we do not want in a kernel that claims to match the
-// dequantized weight; the fp32 path already keeps up with the memory on this machine (see
-// docs/benchmarks.md, "low-bit matmul").
+// summation order differs from the reference). That fp32 path costs ~2.4 cycles per 8 weights on an
+// AVX2 core (cvt + FMA per weight), which holds a 4-bit GEMV to ~55% of DRAM bandwidth at one thread;
+// the int8-activation kernels below (act_int8: x rounded to int8 per 32 columns, integer dot products)
+// take ~1/3 of that and are the default for 4-bit where shapes allow (lmsqueeze/kernels/quant.py,
+// "Activations"; the error on SmolLM2 is in docs/benchmarks.md, issue 19).
 //
 // Batches above 16 rows dequantize tiles of output rows (fp32, then x's dtype) and call the dense
 // GEMM (at::mm / addmm: oneDNN, with AMX or AVX-512-BF16 where the CPU has them); for bf16 x the
