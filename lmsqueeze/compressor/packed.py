@@ -47,6 +47,10 @@ def unpack_bitstream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor
     rows, nw = words.shape
     if nw * 32 < count * bits:
         raise LmsqueezeError(f"{nw} int32 word(s) per row hold {nw * 32 // bits} {bits}-bit codes, not {count}")
+    if 32 % bits == 0:  # no code straddles a word: whole codes per word (lmsqueeze.kernels.quant's layout)
+        from lmsqueeze.kernels.quant import unpack_codes
+
+        return unpack_codes(words, bits, count)
     w = words.to(torch.int64) & 0xFFFFFFFF
     stream = ((w.unsqueeze(-1) >> torch.arange(32, device=words.device)) & 1).reshape(rows, nw * 32)
     fields = stream[:, :count * bits].reshape(rows, count, bits)
@@ -146,6 +150,8 @@ def _gptq_modules(directory: Path, state: dict, qc: dict) -> dict:
 
 
 def _compressed_tensors_modules(directory: Path, state: dict, qc: dict) -> dict:
+    from lmsqueeze.kernels.quant import QUANT_BITS, QuantWeight, _check_grid, check_packed
+
     if qc.get("format") != "pack-quantized":
         raise LmsqueezeError(f"{directory}: compressed-tensors format {qc.get('format')!r} is not one lmsqueeze "
                              f"reads packed (pack-quantized); load it with transformers instead")
@@ -157,15 +163,22 @@ def _compressed_tensors_modules(directory: Path, state: dict, qc: dict) -> dict:
         bits = int(args["num_bits"])
         rows, cols = (int(v) for v in shape.tolist())
         offset = 2 ** (bits - 1)
-        # the stream holds code + offset - offset: compressed-tensors shifts its signed codes by 2^(bits-1)
-        codes = unpack_bitstream(packed, bits, cols)
         zp = state.pop(f"{name}.weight_zero_point", None)
         if zp is None:
             zeros = torch.full(scale.shape, offset, dtype=torch.int64)
         else:  # packed along the output dimension
             zeros = unpack_bitstream(zp.t().contiguous(), bits, rows).t()
         gs = -1 if args.get("strategy") == "channel" else int(args["group_size"])
-        out[name] = _quant_weight(codes, scale.float().reshape(rows, -1), zeros, bits, gs)
+        scales = scale.float().reshape(rows, -1)
+        if bits in QUANT_BITS:
+            # compressed-tensors shifts its signed codes back by 2^(bits-1) when it packs, so the words hold
+            # the unsigned codes, little-endian, whole codes per word: QuantWeight's qweight layout as it is
+            p = QuantWeight(packed.contiguous(), *_check_grid(scales, zeros, rows, scales.shape[1], bits), None,
+                            None, (rows, cols), bits, cols if gs == -1 else gs, zp is None)
+            check_packed(p)
+            out[name] = p
+        else:
+            out[name] = _quant_weight(unpack_bitstream(packed, bits, cols), scales, zeros, bits, gs)
     return out
 
 

@@ -83,6 +83,10 @@ def _sizes(tmp: Path, model, plan, packed) -> dict:
     mod_weights = sum(o * i for o, i in plan.modules.values())
     if packed.tensors:
         mod_bytes = sum(t.numel() * t.element_size() for t in packed.tensors.values())
+        mods = dict(model.named_modules())
+        # a quantized embedding (--quantize-embedding) is packed beside the linear modules: count its weights too
+        mod_weights += sum(mods[k.removesuffix(".weight_packed")].weight.numel() for k in packed.tensors
+                           if k.endswith(".weight_packed") and k.removesuffix(".weight_packed") not in plan.modules)
     else:
         mods = dict(model.named_modules())
         mod_bytes = sum(mods[n].weight.numel() * mods[n].weight.element_size() for n in plan.modules)

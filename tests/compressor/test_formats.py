@@ -286,10 +286,10 @@ def test_quantize_embedding_packs_the_tied_table_and_loads_without_lmsqueeze(tmp
     output head is not stored twice, compressed-tensors alone reads back the model in memory, and so does
     load_packed; gptq refuses it before any work."""
     pytest.importorskip("compressed_tensors")
+    from transformers import LlamaForCausalLM
+
     from lmsqueeze.cli import main
     from lmsqueeze.compressor.embeddings import quantize_embeddings
-
-    from transformers import LlamaForCausalLM
 
     cfg = models.tiny_config("tiny-llama")
     cfg.tie_word_embeddings = True                               # as SmolLM2 and Gemma 3 are
@@ -319,6 +319,8 @@ def test_quantize_embedding_packs_the_tied_table_and_loads_without_lmsqueeze(tmp
     # the table went from 4 bytes (fp32) to half a byte + a scale per 16 entries
     saved = plain["sizes"]["weights_bytes"] - meta["sizes"]["weights_bytes"]
     assert saved == pytest.approx(table.numel() * (4 - 0.5 - 4 / 16), rel=0.01)
+    # bits per weight counts the table's weights with its bytes: 4-bit codes + an fp32 scale per 16
+    assert meta["sizes"]["bits_per_weight"] == pytest.approx(4 + 32 / 16, rel=0.02)
     torch.save(IDS, tmp_path / "ids.pt")
     script = tmp_path / "load.py"
     script.write_text(LOAD_WITHOUT_LMSQUEEZE)
