@@ -61,6 +61,9 @@ VERDICTS = ("A", "B", "tie")
 # Parsing, strict to lenient; the first rule that finds a verdict decides. A letter verdict must be a
 # capital A or B unless a label word precedes it, so "I prefer a short answer" names no verdict.
 _MARKUP = re.compile(r"\*\*|__|[*`#]")  # bold, italics, code and heading marks around a verdict
+# JUDGE_PROMPT's own section headers: a small model echoes "[Response A]" and goes on writing an answer,
+# which is no verdict (SmolLM2-135M did on 8 of 8 replies; read as "A", it looked like pure position bias)
+_HEADERS = re.compile(r"\[\s*(?:instruction|response\s*[ab])\s*\]", re.I)
 _BRACKETED = re.compile(r"\[\[\s*(a|b|tie)\s*\]\]", re.I)
 _SINGLE = re.compile(r"\[\s*(A|B|[Tt]ie)\s*\]")
 _LABEL = r"(?i:response|assistant|answer|option|output)\s*"
@@ -86,7 +89,7 @@ def _norm(v: str) -> str:
 def parse_verdict(reply: str) -> str | None:
     """'A', 'B' or 'tie' from a judge's reply; None when it names no verdict (or names A and B alike).
 
-    Markdown marks (**A**, `B`, ## Verdict) are dropped first. Then, the first rule that finds one decides:
+    Markdown marks (**A**, `B`, ## Verdict) and echoed prompt headers ([Response A]) are dropped first. Then, the first rule that finds one decides:
     1. the last double-bracketed verdict: [[A]], [[ b ]], [[Tie]] (what JUDGE_PROMPT asks for);
     2. the last single-bracketed one: [A], [tie];
     3. the last labelled one: "Verdict: B", "Answer: A", "The better response is A", "I prefer Response B";
@@ -95,7 +98,7 @@ def parse_verdict(reply: str) -> str | None:
        "it's a tie", "neither response is better"), when these all agree;
     6. a reply that mentions exactly one of "Response A" / "Response B".
     A reply none of these match is unparsed: `judge_answers` counts it (`unparsed_rate`), never guesses."""
-    text = _MARKUP.sub("", reply or "")
+    text = _HEADERS.sub(" ", _MARKUP.sub("", reply or ""))
     for rule in (_BRACKETED, _SINGLE, _LABELLED):
         found = rule.findall(text)
         if found:

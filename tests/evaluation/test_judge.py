@@ -42,6 +42,10 @@ from lmsqueeze.evaluation.judge import (
     ("Assistant B wins.", "B"), ("B is clearly better.", "B"),
     # contradictions and look-alikes are not verdicts
     ("A is better. No wait, B is better.", None), ("B is better, though they are equally good.", None),
+    # the prompt's headers echoed back are not verdicts (SmolLM2-135M's replies, verbatim)
+    ("[Response A]\n1. Marie Curie (189c)\n2. Marie Curie (1", None),
+    ("You can\n\n[Response A]\n1. Burning of fossil fuels: The primary cause of climate change is the", None),
+    ("[Response B]\nThe answer is 4.\n\nVerdict: [[B]]", "B"),
     ("Plan A is a good idea.", None), ("The answer is a list of items.", None), ("This is a better answer.", None),
 ])
 def test_parse_verdict(reply, want):
