@@ -136,6 +136,13 @@ def prepare(args, work: Path) -> tuple[Path, Path, str]:
             model.save_pretrained(tmp)
             os.replace(tmp, model_dir)
             del model
+        if not (model_dir / "tokenizer_config.json").exists():
+            # llm-compressor's oneshot insists on a processor whenever it is given a dataset, even one of token
+            # ids; the random model gets SmolLM2's tokenizer files, which tokenize nothing here (the tokens are
+            # drawn below) and are saved beside both outputs alike
+            from lmsqueeze.models import builtin_dir, load_tokenizer
+
+            load_tokenizer(str(builtin_dir("smollm2-135m"))).save_pretrained(model_dir)
         g = torch.Generator().manual_seed(args.seed)
         ids = torch.randint(0, LLAMA7B["vocab_size"], (args.nsamples, args.seqlen), generator=g)
         how = f"random token ids (seed {args.seed})"
