@@ -10,6 +10,7 @@ Everything is returned as one JSON-serialisable report (`SCHEMA` versions it; do
 """
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -108,6 +109,23 @@ def load_tasks(tasks, opts: EvalOptions, suite: str | None, has_base: bool, skip
     return ready, skipped
 
 
+def _exact_activations(fn):
+    """Packed 4-bit layers (lmsqueeze.qlinear) round a GEMV's activations to int8 by default, for decode speed;
+    an evaluation measures what the checkpoint's weights do, so inside it activations stay exact unless the
+    user set LMSQUEEZE_QUANT_ACT themselves (=int8 evaluates the fast path)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "LMSQUEEZE_QUANT_ACT" in os.environ:
+            return fn(*args, **kwargs)
+        os.environ["LMSQUEEZE_QUANT_ACT"] = "fp32"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            os.environ.pop("LMSQUEEZE_QUANT_ACT", None)
+    return wrapper
+
+
+@_exact_activations
 def evaluate(model, tokenizer=None, tasks=None, base=None, base_tokenizer=None, *, suite: str | None = None,
              seqlen: int = 512, limit: int | None = None, batch_tokens: int = 4096, topk: int = 64,
              max_new_tokens: int = 128, safety_new_tokens: int = 32, data_dir: str | None = None,

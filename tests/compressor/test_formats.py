@@ -486,3 +486,37 @@ def test_eval_and_load_sparse_open_a_packed_24_checkpoint_like_its_dense_twin(tm
     loaded, _ = models.load_model(str(tmp_path / "s24"), dtype="fp32")
     assert all(isinstance(dict(loaded.named_modules())[n], SparseLinear) for n in swapped)
     assert next(loaded.parameters()).dtype == torch.float32
+
+
+def test_eval_of_a_packed_checkpoint_equals_its_dense_twin_with_exact_activations(tmp_path, monkeypatch):
+    """The packed 4-bit kernels round activations to int8 by default (decode speed); evaluate() keeps them exact,
+    so a packed checkpoint scores what its dense fake-quantized twin scores; LMSQUEEZE_QUANT_ACT=int8 opts in."""
+    from lmsqueeze.evaluation.api import evaluate
+
+    monkeypatch.delenv("LMSQUEEZE_QUANT_ACT", raising=False)
+    model, report, grids = _compressed("rtn", bits=4, group_size=64, sym=True)   # widths of 64: int8 applies
+    tok = models.load_model("tiny-llama")[1]
+    save_compressed(model, tok, tmp_path / "ct", report, format="compressed-tensors", grids=grids)
+    save_compressed(model, tok, tmp_path / "dense", report, format="dense")
+
+    def ppl(d):
+        r = evaluate(str(tmp_path / d), tasks="ppl:pydoc", limit=2, seqlen=64, log_samples=False,
+                     cache_dir=str(tmp_path / "cache"))
+        return r["results"][0]["metrics"]["ppl"]["value"]
+
+    assert ppl("ct") == pytest.approx(ppl("dense"), rel=1e-5)
+    assert "LMSQUEEZE_QUANT_ACT" not in os.environ
+    # one row (a decode step): the int8-activation GEMV by default, exact inside an evaluation
+    from lmsqueeze.evaluation.api import _exact_activations
+
+    monkeypatch.setenv("LMSQUEEZE_QUANT", "packed")        # dense F.linear wins at these tiny widths otherwise
+    loaded = load_packed(tmp_path / "ct")[0]
+    step = IDS[:1, :1]
+
+    def logits():
+        with torch.no_grad():
+            return loaded(step).logits
+
+    want = model(step).logits.detach()
+    torch.testing.assert_close(_exact_activations(logits)(), want, rtol=0, atol=1e-5)
+    assert not torch.allclose(logits(), want, rtol=0, atol=1e-5)
