@@ -148,6 +148,11 @@ def plan(model, config, fmt: str | None, *, offload: bool = False, quantize_embe
                        "points); --sym writes one that loads as it is")
     if fmt in QUANTIZED_FORMATS:
         if not quant:
+            from lmsqueeze.compressor.methods import get
+
+            if get(config.method).kind == "quantize":  # nf4, llm-int8: their grids are not integer codes on a group grid
+                raise LmsqueezeError(f"--format {fmt} stores integer codes on a group grid; {config.method} keeps "
+                                     f"another layout (see its module docstring) and is written as --format dense")
             raise LmsqueezeError(f"--format {fmt} stores quantized weights but {config.method} "
                                  f"{getattr(config, 'sparsity', '')} quantizes nothing; valid for it: dense"
                                  + (", sparse24" if sparsity_structure(config) == "2:4" else ""))

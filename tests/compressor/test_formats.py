@@ -368,6 +368,8 @@ def test_dense_unstructured_says_so_in_config(tmp_path):
     ("sparsegpt", dict(sparsity=0.5), "sparse24", "sparsity 0.5 is not 2:4"),
     ("wanda", dict(sparsity="2:4"), "gptq", "wanda 2:4 quantizes nothing; valid for it: dense, sparse24"),
     ("rtn", dict(bits=4), "int4", "format 'int4' is unknown; valid: dense, compressed-tensors, gptq, sparse24"),
+    ("nf4", dict(), "compressed-tensors", "nf4 keeps another layout (see its module docstring) and is written as"),
+    ("llm-int8", dict(), "gptq", "llm-int8 keeps another layout"),
 ])
 def test_formats_refuse_what_they_cannot_hold(method, opts, fmt, message):
     with pytest.raises(LmsqueezeError) as exc:
