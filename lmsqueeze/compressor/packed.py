@@ -149,7 +149,7 @@ def _gptq_modules(directory: Path, state: dict, qc: dict) -> dict:
     return out
 
 
-def _compressed_tensors_modules(directory: Path, state: dict, qc: dict) -> dict:
+def _compressed_tensors_modules(directory: Path, state: dict, qc: dict, mods: dict) -> dict:
     from lmsqueeze.kernels.quant import QUANT_BITS, QuantWeight, _check_grid, check_packed
 
     if qc.get("format") != "pack-quantized":
@@ -159,7 +159,9 @@ def _compressed_tensors_modules(directory: Path, state: dict, qc: dict) -> dict:
     for key in [k for k in state if k.endswith(".weight_packed")]:
         name = key[: -len(".weight_packed")]
         packed, scale, shape = _pop(state, directory, name, "weight_packed", "weight_scale", "weight_shape")
-        args = _ct_args(qc, name, directory)
+        if name not in mods:
+            raise LmsqueezeError(f"{directory}: {name} is not a module of the model its config.json describes")
+        args = _ct_args(qc, name, "Embedding" if isinstance(mods[name], nn.Embedding) else "Linear", directory)
         bits = int(args["num_bits"])
         rows, cols = (int(v) for v in shape.tolist())
         offset = 2 ** (bits - 1)
@@ -182,15 +184,14 @@ def _compressed_tensors_modules(directory: Path, state: dict, qc: dict) -> dict:
     return out
 
 
-def _ct_args(qc: dict, name: str, directory: Path) -> dict:
-    """The weights' QuantizationArgs (as a dict) of the config group whose targets cover module `name`."""
-    groups = qc.get("config_groups", {})
-    is_embedding = name.endswith("embed_tokens")
-    for group in groups.values():
+def _ct_args(qc: dict, name: str, kind: str, directory: Path) -> dict:
+    """The weights' QuantizationArgs (as a dict) of the config group whose targets name module `name` or its
+    class `kind` ("Linear", "Embedding")."""
+    for group in qc.get("config_groups", {}).values():
         targets = group.get("targets", [])
-        if name in targets or ("Embedding" in targets) == is_embedding:
+        if name in targets or kind in targets:
             return group["weights"]
-    raise LmsqueezeError(f"{directory}: no config group of quantization_config covers {name}")
+    raise LmsqueezeError(f"{directory}: no config group of quantization_config targets {name} ({kind})")
 
 
 # ---- the loader --------------------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
     elif fmt == "gptq":
         modules = _gptq_modules(directory, state, qc or {})
     else:
-        modules = _compressed_tensors_modules(directory, state, qc or {})
+        modules = _compressed_tensors_modules(directory, state, qc or {}, dict(model.named_modules()))
     mods = dict(model.named_modules())
     packed, swapped, dense = {}, [], []
     for name, p in modules.items():
